@@ -1,0 +1,31 @@
+"""fxprune: pruning for PyTorch models, built on torch.fx.
+
+``prepare(model, config)`` -> train with ``prepared.pruner``'s hooks ->
+``convert(prepared)`` gives back the original model class with pruned weights.
+"""
+from fxprune.config import PrunerConfig, PruningConfig, load_config
+from fxprune.convert import convert
+from fxprune.errors import ConfigError, PruningError, TraceError
+from fxprune.masked import MaskedParameter
+from fxprune.prepare import TraceFallbackWarning, prepare
+from fxprune.pruner import Pruner
+from fxprune.report import PrepareReport, SparsityReport, sparsity_report
+
+__all__ = [
+    "prepare",
+    "convert",
+    "load_config",
+    "sparsity_report",
+    "Pruner",
+    "PruningConfig",
+    "PrunerConfig",
+    "MaskedParameter",
+    "SparsityReport",
+    "PrepareReport",
+    "ConfigError",
+    "TraceError",
+    "PruningError",
+    "TraceFallbackWarning",
+]
+
+__version__ = "0.1.0"

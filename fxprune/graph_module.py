@@ -1,0 +1,87 @@
+"""The prepared model's class: a GraphModule that keeps the whole original hierarchy.
+
+A plain ``fx.GraphModule`` keeps only the submodules and tensors its graph
+references, and rebuilds itself from that subset on ``copy.deepcopy`` and on
+unpickling. A prepared model must keep *everything* the original had (unused
+modules, buffers, the Pruner, the original root needed by
+:func:`fxprune.convert`), so this subclass adopts the full hierarchy on every
+construction path: first build, deepcopy, and unpickling.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch.fx as fx
+from torch import nn
+from torch.fx import graph_module as _gm
+from torch.package import sys_importer
+
+__all__ = ["PreparedGraphModule", "OriginalRoot", "call_original"]
+
+
+class OriginalRoot:
+    """Holds the original model's root object without registering it as a submodule.
+
+    The prepared model shares every submodule and tensor with it; keeping the
+    root lets :func:`fxprune.convert` hand back an instance of the user's own
+    class, with its own ``forward``.
+    """
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+
+
+def call_original(root: OriginalRoot, args: tuple, kwargs: dict) -> Any:
+    """Run the original ``forward``; the graph of a model whose own forward cannot be traced."""
+    return root.module(*args, **kwargs)
+
+
+class PreparedGraphModule(fx.GraphModule):
+    """A GraphModule whose module tree is the original model's, masked parameters included."""
+
+    def __init__(self, root: nn.Module | dict[str, Any], graph: fx.Graph, class_name: str = "GraphModule"):
+        super().__init__(root, graph, class_name)
+        if isinstance(root, nn.Module):
+            adopt_hierarchy(self, root)
+
+    def _deepcopy_init(self):
+        return PreparedGraphModule.__init__
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        body = self.__dict__.copy()
+        python_code = self.recompile()
+        import_block = _gm._format_import_block(python_code.globals, sys_importer)
+        del body["_graph"]
+        # Re-tracing the generated code needs only a plain Tracer, not the one that built the graph.
+        body.pop("_tracer_cls", None)
+        body.pop("_tracer_extras", None)
+        return (_rebuild, (body, import_block))
+
+
+def _rebuild(body: dict[str, Any], import_block: str) -> PreparedGraphModule:
+    forward = _gm._forward_from_src(import_block + body["_code"], {})
+    return _gm._deserialize_graph_module(forward, body, graph_module_cls=PreparedGraphModule)
+
+
+def adopt_hierarchy(gm: nn.Module, root: nn.Module) -> None:
+    """Make ``gm`` hold the very same children, parameters, buffers and attributes as ``root``."""
+    for name, child in root._modules.items():
+        _drop(gm, name)
+        gm._modules[name] = child
+    for name, p in root._parameters.items():
+        _drop(gm, name)
+        gm._parameters[name] = p
+    for name, b in root._buffers.items():
+        _drop(gm, name)
+        gm._buffers[name] = b
+    gm._non_persistent_buffers_set |= set(root._non_persistent_buffers_set)
+    for name, value in root.__dict__.items():
+        if name not in gm.__dict__:
+            gm.__dict__[name] = value
+
+
+def _drop(gm: nn.Module, name: str) -> None:
+    gm._modules.pop(name, None)
+    gm._parameters.pop(name, None)
+    gm._buffers.pop(name, None)
+    gm.__dict__.pop(name, None)

@@ -1,0 +1,103 @@
+"""The masked-parameter module: one parameter, one mask buffer.
+
+Every targeted parameter of a prepared model lives in exactly one
+:class:`MaskedParameter`; the graph calls it where the parameter used to be
+read, and its output is the effective weight ``param * mask``.
+
+Why not simply ``param * mask`` every forward (as ``torch.nn.utils.prune``
+does)? Because the pruner keeps the *stored* pruned entries at exactly zero
+(it re-zeroes them whenever the optimizer touched the tensor). When the stored
+tensor is known to be clean -- its autograd version counter has not moved
+since the last re-zeroing -- the forward is a free view of the parameter and
+only the backward pays for the mask (gradients of pruned entries are zeroed).
+When it may be dirty (after ``optimizer.step()`` and before the next hook, or
+under ``torch.compile``), the forward multiplies, so the effective weight is
+exact in every case.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+__all__ = ["MaskedParameter"]
+
+
+class _MaskGradient(torch.autograd.Function):
+    """Identity in the forward (the stored pruned entries are already 0); mask in the backward."""
+
+    @staticmethod
+    def forward(ctx, param: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        ctx.save_for_backward(mask)
+        return param.view_as(param)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        (mask,) = ctx.saved_tensors
+        return grad * mask, None
+
+
+class MaskedParameter(nn.Module):
+    """A parameter together with its keep-mask (``True`` = kept).
+
+    ``param`` is the trainable tensor (the optimizer sees it under the prepared
+    model's ``named_parameters()``); ``mask`` is a bool buffer of the same shape.
+    Both are in the prepared model's ``state_dict()``.
+    """
+
+    def __init__(self, param: nn.Parameter):
+        super().__init__()
+        self.param = param
+        self.register_buffer("mask", torch.ones_like(param, dtype=torch.bool, device=param.device))
+        self._clean_version = -1
+        self._has_pruned = False  # all-True mask: the forward is the parameter itself
+
+    def forward(self) -> torch.Tensor:
+        if not self._has_pruned:
+            return self.param
+        if self.is_clean() and not torch.compiler.is_compiling():
+            return _MaskGradient.apply(self.param, self.mask)
+        return self.param * self.mask
+
+    def is_clean(self) -> bool:
+        """True when the stored pruned entries are known to be exactly zero."""
+        return self.param._version == self._clean_version
+
+    @torch.no_grad()
+    def apply_mask(self) -> None:
+        """Zero the stored pruned entries, unless nothing touched the tensor since the last time.
+
+        Goes through ``.data`` so that it is allowed between forward and
+        backward (the seed calls ``on_minibatch_end`` there) and does not bump
+        the version counter that :meth:`is_clean` watches.
+        """
+        if not self._has_pruned or self.is_clean():
+            return
+        self.param.data.mul_(self.mask)
+        self._clean_version = self.param._version
+
+    @torch.no_grad()
+    def set_mask(self, mask: torch.Tensor) -> None:
+        """Install a new mask and zero the newly pruned entries."""
+        self.mask.copy_(mask)
+        self._has_pruned = not bool(self.mask.all())
+        self._clean_version = -1
+        self.apply_mask()
+
+    def folded(self) -> torch.Tensor:
+        """The effective weight as a plain tensor, for :func:`fxprune.convert`."""
+        return (self.param.detach() * self.mask).to(self.param.dtype)
+
+    def _load_from_state_dict(self, *args, **kwargs):  # noqa: D401 - torch hook
+        super()._load_from_state_dict(*args, **kwargs)
+        self._has_pruned = not bool(self.mask.all())
+        self._clean_version = -1
+
+    def __setstate__(self, state):
+        # A copied or unpickled tensor has a fresh version counter: never trust the old one.
+        super().__setstate__(state)
+        self._clean_version = -1
+
+    def extra_repr(self) -> str:
+        kept = int(self.mask.sum())
+        n = self.mask.numel()
+        return f"shape={tuple(self.param.shape)}, sparsity={1 - kept / max(n, 1):.4f}"

@@ -1,0 +1,155 @@
+"""What was done and what was reached: the prepare report and the sparsity report.
+
+Both print as plain-text tables and work on prepared and on converted (or any
+plain) models, so "is my model actually pruned?" has a one-line answer at
+every stage.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from fxprune.masked import MaskedParameter
+
+__all__ = ["ParameterSparsity", "SparsityReport", "sparsity_report", "PrepareReport"]
+
+
+@dataclass(frozen=True)
+class ParameterSparsity:
+    """One parameter, under its original name."""
+
+    name: str
+    shape: tuple[int, ...]
+    numel: int
+    zeros: int
+    pruned: bool | None  # targeted by a pruner; None when unknown (a plain model)
+
+    @property
+    def sparsity(self) -> float:
+        return self.zeros / self.numel if self.numel else 0.0
+
+
+@dataclass(frozen=True)
+class SparsityReport:
+    """Rows per parameter plus totals; ``str()`` gives a table."""
+
+    rows: tuple[ParameterSparsity, ...]
+
+    @property
+    def numel(self) -> int:
+        return sum(r.numel for r in self.rows)
+
+    @property
+    def zeros(self) -> int:
+        return sum(r.zeros for r in self.rows)
+
+    @property
+    def sparsity(self) -> float:
+        """Overall sparsity over every parameter."""
+        return self.zeros / self.numel if self.numel else 0.0
+
+    @property
+    def pruned_sparsity(self) -> float | None:
+        """Overall sparsity over the pruned parameters only (None for a plain model)."""
+        rows = [r for r in self.rows if r.pruned]
+        if not rows:
+            return None
+        n = sum(r.numel for r in rows)
+        return sum(r.zeros for r in rows) / n
+
+    def __getitem__(self, name: str) -> ParameterSparsity:
+        for r in self.rows:
+            if r.name == name:
+                return r
+        raise KeyError(name)
+
+    def to_dict(self) -> dict[str, dict[str, object]]:
+        return {
+            r.name: {"shape": r.shape, "numel": r.numel, "zeros": r.zeros, "sparsity": r.sparsity, "pruned": r.pruned}
+            for r in self.rows
+        }
+
+    def __str__(self) -> str:
+        header = ("parameter", "shape", "numel", "zeros", "sparsity", "pruned")
+        flag = {True: "yes", False: "no", None: "-"}
+        body = [
+            (r.name, "x".join(map(str, r.shape)) or "scalar", str(r.numel), str(r.zeros), f"{r.sparsity:.4f}", flag[r.pruned])
+            for r in self.rows
+        ]
+        totals = [("TOTAL", "", str(self.numel), str(self.zeros), f"{self.sparsity:.4f}", "")]
+        if self.pruned_sparsity is not None:
+            pruned = [r for r in self.rows if r.pruned]
+            totals.append(("TOTAL (pruned weights)", "", str(sum(r.numel for r in pruned)),
+                           str(sum(r.zeros for r in pruned)), f"{self.pruned_sparsity:.4f}", ""))
+        widths = [max(len(row[i]) for row in [header, *body, *totals]) for i in range(len(header))]
+
+        def fmt(row: tuple[str, ...]) -> str:
+            return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+
+        rule = "-" * len(fmt(header))
+        return "\n".join([fmt(header), rule, *map(fmt, body), rule, *map(fmt, totals)])
+
+
+def sparsity_report(model: nn.Module) -> SparsityReport:
+    """Sparsity per parameter (by original name, tied parameters once) and overall.
+
+    On a prepared model the effective weight ``param * mask`` is counted, and
+    ``pruned`` says which parameters a pruner owns; on any other model the
+    parameters are counted as they are.
+    """
+    rows: list[ParameterSparsity] = []
+    seen: set[int] = set()
+    prepared = any(isinstance(m, MaskedParameter) for m in model.modules())
+    for prefix, module in model.named_modules(remove_duplicate=False):
+        if isinstance(module, MaskedParameter):
+            continue
+        items = [(a, p, False) for a, p in module._parameters.items() if p is not None]
+        items += [(a, m, True) for a, m in module._modules.items() if isinstance(m, MaskedParameter)]
+        for attr, obj, masked in items:
+            if id(obj) in seen:
+                continue
+            seen.add(id(obj))
+            tensor = obj.folded() if masked else obj.detach()
+            rows.append(
+                ParameterSparsity(
+                    name=f"{prefix}.{attr}" if prefix else attr,
+                    shape=tuple(tensor.shape),
+                    numel=tensor.numel(),
+                    zeros=int((tensor == 0).sum()),
+                    pruned=masked if prepared else None,
+                )
+            )
+    return SparsityReport(rows=tuple(rows))
+
+
+@dataclass
+class PrepareReport:
+    """How each part of the model was captured and how each pruned weight is masked.
+
+    ``routes`` maps a weight to ``graph`` (a masked-parameter node in the fx
+    graph), ``module`` (masked around its leaf module's forward), both, or
+    ``unused`` (the forward never reads it; it is masked all the same).
+    """
+
+    traced: bool
+    fallback_leaves: dict[str, str] = field(default_factory=dict)
+    root_error: str | None = None
+    routes: dict[str, str] = field(default_factory=dict)
+    pruners: dict[str, list[str]] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        lines = []
+        if self.traced:
+            lines.append("traced: whole model" if not self.fallback_leaves else
+                         f"traced: with {len(self.fallback_leaves)} submodule(s) kept as leaves")
+        else:
+            lines.append(f"traced: no, the model's own forward is not traceable ({self.root_error}); "
+                         "every weight is masked at module level")
+        for name, reason in self.fallback_leaves.items():
+            lines.append(f"  leaf {name or '<root>'}: {reason}")
+        for pruner, names in self.pruners.items():
+            lines.append(f"pruner {pruner}: {len(names)} weight(s)")
+            for n in names:
+                lines.append(f"  {n}: {self.routes.get(n, '?')}")
+        return "\n".join(lines)
