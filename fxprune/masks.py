@@ -10,7 +10,10 @@ import math
 
 import torch
 
-__all__ = ["count_to_prune", "local_unstructured_mask"]
+from fxprune.config import PrunerConfig
+from fxprune.masked import MaskedParameter
+
+__all__ = ["count_to_prune", "local_unstructured_mask", "select_masks"]
 
 
 def count_to_prune(sparsity: float, numel: int) -> int:
@@ -38,3 +41,13 @@ def local_unstructured_mask(scores: torch.Tensor, mask: torch.Tensor, sparsity: 
         ties = torch.nonzero(s == kth).reshape(-1)[:need]
         prune[ties] = True
     return (~prune).reshape(mask.shape)
+
+
+def select_masks(
+    pruner: PrunerConfig, group: list[MaskedParameter], scores: list[torch.Tensor], goal: float
+) -> list[torch.Tensor]:
+    """New masks for one pruner's weights at sparsity ``goal``, per the pruner's scope and pattern.
+
+    The one place where mask patterns are chosen; the Pruner calls nothing else.
+    """
+    return [local_unstructured_mask(s, m.mask, goal) for m, s in zip(group, scores)]

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from fxprune.config import PruningConfig
-from fxprune.masks import local_unstructured_mask
+from fxprune.masks import select_masks
 from fxprune.plan import PruningPlan
 from fxprune.policies import POLICIES
 from fxprune.report import PrepareReport
@@ -110,10 +110,10 @@ class Pruner(nn.Module):
             goal = goals[p.name]
             if goal <= float(self.goals[i]):
                 continue
-            score = POLICIES[p.policy]
-            for t in self.targets:
-                if t.pruner == p.name:
-                    t.masked.set_mask(local_unstructured_mask(score(t.masked), t.masked.mask, goal))
+            group = [t.masked for t in self.targets if t.pruner == p.name]
+            scores = [POLICIES[p.policy](m) for m in group]
+            for m, mask in zip(group, select_masks(p, group, scores, goal)):
+                m.set_mask(mask)
             self.goals[i] = goal
 
     def apply_masks(self) -> None:
