@@ -29,7 +29,7 @@ import yaml
 
 from fxprune.errors import ConfigError
 
-__all__ = ["PrunerConfig", "PruningConfig", "load_config", "SETTING_DEFAULTS", "POLICY_NAMES"]
+__all__ = ["PrunerConfig", "PruningConfig", "load_config", "SETTING_DEFAULTS", "POLICY_NAMES", "WINDOW_KEYS"]
 
 #: Policies a pruner may be declared under (``pruning.<policy>.<pruner>``).
 POLICY_NAMES = ("magnitude",)
@@ -45,6 +45,17 @@ SETTING_DEFAULTS: dict[str, Any] = {
     "init_sparsity": 0.0,  # goal at start_epoch
     "target_sparsity": 0.5,  # goal from end_epoch on
     "schedule": "linear",  # how the goal rises between start_epoch and end_epoch
+    # Step windows: count optimizer steps instead of epochs (see WINDOW_KEYS). Unset by default.
+    "start_step": None,  # first step with a non-zero goal (default 0 when end_step is set)
+    "end_step": None,  # step at which the goal reaches target_sparsity; setting it selects step windows
+    "frequency_steps": None,  # steps between goal updates (default 1 when end_step is set)
+}
+
+#: The two kinds of schedule window. One section (the global keys, or one pruner) uses one kind;
+#: a pruner that sets window keys of its own uses its own kind, otherwise it inherits the global kind.
+WINDOW_KEYS: dict[str, tuple[str, str, str]] = {
+    "epoch": ("start_epoch", "end_epoch", "frequency"),
+    "step": ("start_step", "end_step", "frequency_steps"),
 }
 
 _PRUNER_ONLY_KEYS = ("weights",)
@@ -67,10 +78,29 @@ class PrunerConfig:
     init_sparsity: float = SETTING_DEFAULTS["init_sparsity"]
     target_sparsity: float = SETTING_DEFAULTS["target_sparsity"]
     schedule: str = SETTING_DEFAULTS["schedule"]
+    start_step: int | None = None
+    end_step: int | None = None
+    frequency_steps: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.weights, (list, str)):
             object.__setattr__(self, "weights", tuple([self.weights] if isinstance(self.weights, str) else self.weights))
+        if self.end_step is not None:  # step windows: the defaults of the other two step keys
+            if self.start_step is None:
+                object.__setattr__(self, "start_step", 0)
+            if self.frequency_steps is None:
+                object.__setattr__(self, "frequency_steps", 1)
+
+    @property
+    def by_step(self) -> bool:
+        """True when the schedule counts optimizer steps (``end_step`` set), False for epochs."""
+        return self.end_step is not None
+
+    @property
+    def window(self) -> tuple[int, int, int]:
+        """``(start, end, frequency)`` in the schedule's unit (steps or epochs)."""
+        keys = WINDOW_KEYS["step" if self.by_step else "epoch"]
+        return tuple(getattr(self, k) for k in keys)  # type: ignore[return-value]
 
     @property
     def key_path(self) -> str:
@@ -97,7 +127,8 @@ class PruningConfig:
         """The config as a plain ``{'pruning': ...}`` dict that :func:`load_config` reads back."""
         section: dict[str, Any] = {}
         for p in self.pruners:
-            body = {k: getattr(p, k) for k in SETTING_DEFAULTS}
+            unused = WINDOW_KEYS["epoch" if p.by_step else "step"]
+            body = {k: getattr(p, k) for k in SETTING_DEFAULTS if k not in unused}
             if p.weights is not None:
                 body["weights"] = list(p.weights)
             section.setdefault(p.policy, {})[p.name] = body
@@ -177,6 +208,7 @@ def _parse_section(section: Any, source: str | None) -> PruningConfig:
                 if k in body:
                     _check_setting(k, body[k], f"{ppath}.{k}", source)
                     settings[k] = body[k]
+            _resolve_window(settings, globals_, body, ppath, source)
             weights = _parse_weights(body.get("weights"), f"{ppath}.weights", source)
             pruners.append(
                 PrunerConfig(
@@ -189,6 +221,9 @@ def _parse_section(section: Any, source: str | None) -> PruningConfig:
                     init_sparsity=float(settings["init_sparsity"]),
                     target_sparsity=float(settings["target_sparsity"]),
                     schedule=settings["schedule"],
+                    start_step=settings["start_step"],
+                    end_step=settings["end_step"],
+                    frequency_steps=settings["frequency_steps"],
                 )
             )
     if not pruners:
@@ -199,6 +234,35 @@ def _parse_section(section: Any, source: str | None) -> PruningConfig:
             source,
         )
     return PruningConfig(pruners=tuple(pruners), source=source)
+
+
+def _window_kind(section: Mapping[str, Any], path: str, source: str | None) -> str | None:
+    """'epoch', 'step' or None (no window key) for one section; both kinds at once is an error."""
+    used = {kind: [k for k in keys if section.get(k) is not None] for kind, keys in WINDOW_KEYS.items()}
+    if used["epoch"] and used["step"]:
+        raise ConfigError(
+            f"mixes epoch keys ({', '.join(used['epoch'])}) with step keys ({', '.join(used['step'])}); "
+            "a schedule counts either epochs or optimizer steps",
+            f"{path}.{used['step'][0]}",
+            source,
+        )
+    return next((kind for kind, keys in used.items() if keys), None)
+
+
+def _resolve_window(
+    settings: dict[str, Any], globals_: Mapping[str, Any], body: Mapping[str, Any], path: str, source: str | None
+) -> None:
+    """Keep only the window keys of the kind in force for this pruner (its own, else the global one)."""
+    own = _window_kind(body, path, source)
+    kind = own or _window_kind(globals_, "pruning", source) or "epoch"
+    for k in WINDOW_KEYS["step" if kind == "epoch" else "epoch"]:
+        settings[k] = SETTING_DEFAULTS[k]
+    if kind == "step" and settings["end_step"] is None:
+        raise ConfigError(
+            "end_step is required with step windows (start_step/frequency_steps given without it)",
+            f"{path if own else 'pruning'}.end_step",
+            source,
+        )
 
 
 def _parse_weights(value: Any, path: str, source: str | None) -> tuple[str, ...] | None:
@@ -216,12 +280,14 @@ def _parse_weights(value: Any, path: str, source: str | None) -> tuple[str, ...]
 
 def _check_setting(key: str, value: Any, path: str, source: str | None) -> None:
     """Type and range checks for one setting, independent of the others."""
-    if key in ("start_epoch", "end_epoch", "frequency"):
+    if key in WINDOW_KEYS["step"] and value is None:
+        return  # step keys are optional; None means unset
+    if key in WINDOW_KEYS["epoch"] + WINDOW_KEYS["step"]:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"must be an integer, got {value!r}", path, source)
-        if key == "frequency" and value < 1:
+        if key.startswith("frequency") and value < 1:
             raise ConfigError(f"must be >= 1, got {value}", path, source)
-        if key != "frequency" and value < 0:
+        if not key.startswith("frequency") and value < 0:
             raise ConfigError(f"must be >= 0, got {value}", path, source)
     elif key in ("init_sparsity", "target_sparsity"):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -248,6 +314,27 @@ def _validate(config: PruningConfig) -> None:
             _check_setting(k, getattr(p, k), f"{p.key_path}.{k}", source)
         if p.weights is not None:
             _parse_weights(list(p.weights), f"{p.key_path}.weights", source)
+        if p.by_step:
+            changed = [k for k in WINDOW_KEYS["epoch"] if getattr(p, k) != SETTING_DEFAULTS[k]]
+            if changed:
+                raise ConfigError(
+                    f"mixes epoch keys ({', '.join(changed)}) with step keys (end_step={p.end_step}); "
+                    "a schedule counts either epochs or optimizer steps",
+                    f"{p.key_path}.{changed[0]}",
+                    source,
+                )
+            if p.start_step > p.end_step:  # type: ignore[operator]
+                raise ConfigError(
+                    f"start_step ({p.start_step}) must be <= end_step ({p.end_step})",
+                    f"{p.key_path}.start_step",
+                    source,
+                )
+        elif p.start_step is not None or p.frequency_steps is not None:
+            raise ConfigError(
+                "end_step is required with step windows (start_step/frequency_steps given without it)",
+                f"{p.key_path}.end_step",
+                source,
+            )
         if p.start_epoch > p.end_epoch:
             raise ConfigError(
                 f"start_epoch ({p.start_epoch}) must be <= end_epoch ({p.end_epoch})",
