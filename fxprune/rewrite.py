@@ -23,7 +23,7 @@ masked tensors for the duration of its call: the module-level route.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch.fx as fx
 from torch import nn
@@ -43,6 +43,8 @@ class InstalledTarget:
     masked: MaskedParameter
     owners: list[tuple[nn.Module, str]]  # every (module, attribute) that held the parameter
     route: str = "unused"  # 'graph', 'module', 'graph+module' or 'unused' (not read by forward)
+    # per owner, its parameter names in their original order (restored by convert, so state_dict keys keep it)
+    orders: list[list[str]] = field(default_factory=list)
 
 
 class LeafMasks:
@@ -112,10 +114,12 @@ def install_masks(gm: fx.GraphModule, root: nn.Module, plan: PruningPlan, graph:
                 if (id(owner), attr) in seen:
                     continue
                 seen.add((id(owner), attr))
+                order = list(owner._parameters)
                 del owner._parameters[attr]
                 owner._modules[attr] = it.masked
                 if owner is not gm:
                     it.owners.append((owner, attr))
+                    it.orders.append(order)
 
     # 3. Graph readers call the MaskedParameter instead.
     g = gm.graph
@@ -157,12 +161,18 @@ def install_masks(gm: fx.GraphModule, root: nn.Module, plan: PruningPlan, graph:
 
 def restore_parameters(targets: list[InstalledTarget]) -> None:
     """Fold masks into plain parameters at every owner (the inverse of :func:`install_masks`)."""
+    original_order: dict[int, tuple[nn.Module, list[str]]] = {}
     for it in targets:
         folded = nn.Parameter(it.masked.folded(), requires_grad=it.masked.param.requires_grad)
-        for owner, attr in it.owners:
+        for (owner, attr), order in zip(it.owners, it.orders):
             owner.__dict__.pop(attr, None)
             owner._modules.pop(attr, None)
             owner._parameters[attr] = folded
+            original_order.setdefault(id(owner), (owner, order))  # first record: taken before any move
+    for owner, order in original_order.values():
+        for name in order + [n for n in list(owner._parameters) if n not in order]:
+            if name in owner._parameters:
+                owner._parameters[name] = owner._parameters.pop(name)
 
 
 def remove_leaf_hooks(model: nn.Module) -> None:
