@@ -16,7 +16,7 @@ from torch import nn
 from torch.fx import graph_module as _gm
 from torch.package import sys_importer
 
-__all__ = ["PreparedGraphModule", "OriginalRoot", "call_original"]
+__all__ = ["PreparedGraphModule", "OriginalRoot", "call_original", "call_original_graph"]
 
 
 class OriginalRoot:
@@ -34,6 +34,16 @@ class OriginalRoot:
 def call_original(root: OriginalRoot, args: tuple, kwargs: dict) -> Any:
     """Run the original ``forward``; the graph of a model whose own forward cannot be traced."""
     return root.module(*args, **kwargs)
+
+
+def call_original_graph() -> fx.Graph:
+    """``forward(*args, **kwargs)`` that runs the original model (masked at module level)."""
+    g = fx.Graph()
+    args = g.placeholder("*args")
+    kwargs = g.placeholder("**kwargs")
+    root = g.get_attr("_fxprune_original")
+    g.output(g.call_function(call_original, (root, args, kwargs)))
+    return g
 
 
 class PreparedGraphModule(fx.GraphModule):
@@ -55,12 +65,19 @@ class PreparedGraphModule(fx.GraphModule):
         # Re-tracing the generated code needs only a plain Tracer, not the one that built the graph.
         body.pop("_tracer_cls", None)
         body.pop("_tracer_extras", None)
+        if any(n.op == "placeholder" and n.target.startswith("*") for n in self.graph.nodes):
+            # The generated code of the varargs call graph cannot be re-traced; rebuild it directly.
+            return (_rebuild_call_graph, (body,))
         return (_rebuild, (body, import_block))
 
 
 def _rebuild(body: dict[str, Any], import_block: str) -> PreparedGraphModule:
     forward = _gm._forward_from_src(import_block + body["_code"], {})
     return _gm._deserialize_graph_module(forward, body, graph_module_cls=PreparedGraphModule)
+
+
+def _rebuild_call_graph(body: dict[str, Any]) -> PreparedGraphModule:
+    return PreparedGraphModule(_gm._CodeOnlyModule(body), call_original_graph(), body.get("_graphmodule_cls_name", "GraphModule"))
 
 
 def adopt_hierarchy(gm: nn.Module, root: nn.Module) -> None:

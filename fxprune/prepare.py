@@ -13,12 +13,11 @@ import os
 import warnings
 from typing import Any, Iterable, Mapping
 
-import torch.fx as fx
 from torch import nn
 
 from fxprune.config import PruningConfig, load_config
 from fxprune.errors import TraceError
-from fxprune.graph_module import OriginalRoot, PreparedGraphModule, adopt_hierarchy, call_original
+from fxprune.graph_module import OriginalRoot, PreparedGraphModule, adopt_hierarchy, call_original_graph
 from fxprune.plan import make_plan
 from fxprune.pruner import Pruner
 from fxprune.report import PrepareReport
@@ -68,7 +67,7 @@ def prepare(
         for name in set(work.__dict__) - attrs_before:  # tensor constants the tracer put on the root
             del work.__dict__[name]
     else:
-        gm = PreparedGraphModule({"_fxprune_original": OriginalRoot(work)}, _call_graph(), class_name=class_name)
+        gm = PreparedGraphModule({"_fxprune_original": OriginalRoot(work)}, call_original_graph(), class_name=class_name)
         adopt_hierarchy(gm, work)
     gm.__dict__["_fxprune_original"] = OriginalRoot(work)
     targets = install_masks(gm, work, plan, graph=traced.graph is not None)
@@ -85,13 +84,3 @@ def prepare(
     if traced.fallback_leaves or traced.graph is None:
         warnings.warn(f"fxprune: partial trace of {class_name}\n{report}", TraceFallbackWarning, stacklevel=2)
     return gm
-
-
-def _call_graph() -> fx.Graph:
-    """``forward(*args, **kwargs)`` that runs the original model (masked at module level)."""
-    g = fx.Graph()
-    args = g.placeholder("*args")
-    kwargs = g.placeholder("**kwargs")
-    root = g.get_attr("_fxprune_original")
-    g.output(g.call_function(call_original, (root, args, kwargs)))
-    return g
