@@ -41,7 +41,9 @@ class MaskedParameter(nn.Module):
 
     ``param`` is the trainable tensor (the optimizer sees it under the prepared
     model's ``named_parameters()``); ``mask`` is a bool buffer of the same shape.
-    Both are in the prepared model's ``state_dict()``.
+    Both are in the prepared model's ``state_dict()``. The mask stays ``bool``
+    under ``model.to(dtype)`` / ``.half()`` (only floating tensors are
+    converted) and follows the parameter under ``model.to(device)``.
     """
 
     def __init__(self, param: nn.Parameter):
@@ -54,7 +56,8 @@ class MaskedParameter(nn.Module):
     def forward(self) -> torch.Tensor:
         if not self._has_pruned:
             return self.param
-        if self.is_clean() and not torch.compiler.is_compiling():
+        # Compiled graphs always multiply: the version-counter check is eager-only Python state.
+        if not torch.compiler.is_compiling() and self.is_clean():
             return _MaskGradient.apply(self.param, self.mask)
         return self.param * self.mask
 

@@ -3,12 +3,14 @@
 There is exactly one per prepared model, reachable as ``prepared.pruner``
 (the seed's "singleton", without global state). It is an ``nn.Module``
 registered on the prepared model so that its state -- the current epoch, the
-number of finished batches and each pruner's goal -- is saved and restored by
-the prepared model's own ``state_dict()``, next to the masks. Loading a
-mid-schedule ``state_dict`` into a freshly prepared model therefore resumes
-exactly where training stopped.
+number of optimizer steps (or finished batches) and each pruner's goal -- is
+saved and restored by the prepared model's own ``state_dict()``, next to the
+masks. Loading a mid-schedule ``state_dict`` into a freshly prepared model
+therefore resumes exactly where training stopped.
 
-Hooks follow the seed's training loop::
+Two ways to drive it, both supported:
+
+*Hook style* (the seed's training loop)::
 
     for epoch in range(epochs):
         pruner.on_epoch_begin(epoch)           # raise goals per the schedule, update masks
@@ -17,17 +19,29 @@ Hooks follow the seed's training loop::
             loss = criterion(model(x), y)
             loss = pruner.on_minibatch_end(model, loss)
             optimizer.zero_grad(); loss.backward(); optimizer.step()
-            pruner.on_batch_end()              # re-zero what the optimizer moved
+            pruner.on_batch_end()              # re-zero what the optimizer moved; count the step
         pruner.on_epoch_end(epoch)
+
+*Optimizer mode*: ``pruner.attach(optimizer, steps_per_epoch=N)`` (or
+``prepare(..., optimizer=opt, steps_per_epoch=N)``) and a plain loop with no
+hook call at all. A post-hook on ``optimizer.step()`` re-zeroes the pruned
+entries, counts the step, sets ``epoch = step // N`` and updates the masks
+where the schedule says so. A step the optimizer did not take (a
+``GradScaler`` that found inf/NaN gradients skips ``optimizer.step()``) is
+not counted.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
-from fxprune.config import PruningConfig
+from fxprune.config import PrunerConfig, PruningConfig
+from fxprune.distributed import broadcast_masks
+from fxprune.errors import PruningError
+from fxprune.masked import MaskedParameter
 from fxprune.masks import select_masks
 from fxprune.plan import PruningPlan
 from fxprune.policies import POLICIES
@@ -35,11 +49,17 @@ from fxprune.report import PrepareReport
 from fxprune.rewrite import InstalledTarget
 from fxprune.schedules import sparsity_at
 
-__all__ = ["Pruner"]
+__all__ = ["Pruner", "find_pruner", "prepared_parameter_map"]
 
 
 class Pruner(nn.Module):
-    """Owns the schedule and the policies of one prepared model; drives its masks."""
+    """Owns the schedule and the policies of one prepared model; drives its masks.
+
+    ``sync_masks`` (default True): under ``torch.distributed``, broadcast new
+    masks from rank 0 of ``process_group`` (None: the default group) after
+    every update, so that all ranks prune the same entries; see
+    :mod:`fxprune.distributed`.
+    """
 
     def __init__(self, config: PruningConfig, plan: PruningPlan, targets: list[InstalledTarget], report: PrepareReport):
         super().__init__()
@@ -47,6 +67,10 @@ class Pruner(nn.Module):
         self.pruner_configs = list(plan.pruners.values())
         self.targets = targets  # plain list: the MaskedParameters are registered on the model itself
         self.prepare_report = report
+        self.sync_masks = True
+        self.process_group = None
+        self.steps_per_epoch: int | None = None
+        self._optimizers: list[tuple[torch.optim.Optimizer, RemovableHandle]] = []
         self.register_buffer("epoch", torch.tensor(-1, dtype=torch.long))
         self.register_buffer("step", torch.tensor(0, dtype=torch.long))
         self.register_buffer("goals", torch.zeros(len(self.pruner_configs), dtype=torch.float64))
@@ -58,7 +82,8 @@ class Pruner(nn.Module):
         self.update_masks()
 
     def on_batch_begin(self, batch_id: int | None = None) -> None:
-        """Re-zero pruned entries before the forward (free when nothing moved them)."""
+        """Re-zero pruned entries before the forward; prune step-scheduled weights due at this step."""
+        self.update_masks()
         self.apply_masks()
 
     def on_minibatch_end(self, model: nn.Module | None = None, loss: torch.Tensor | None = None) -> Any:
@@ -67,45 +92,178 @@ class Pruner(nn.Module):
         return loss
 
     def on_batch_end(self) -> None:
-        """Re-zero what ``optimizer.step()`` moved (momentum, weight decay, Adam moments)."""
+        """Re-zero what ``optimizer.step()`` moved (momentum, weight decay, Adam moments); count the step.
+
+        When an optimizer is attached, its post-step hook counts steps instead
+        (only the steps really taken), so this does not count again.
+        """
         self.apply_masks()
-        self.step += 1
+        if not self._optimizers:
+            self.step += 1
+            self.update_masks()
 
     def on_epoch_end(self, epoch: int | None = None) -> None:
         """Make sure the epoch ends with exactly-zero pruned entries."""
         self.apply_masks()
 
+    # --------------------------------------------------------- optimizer mode
+    def attach(
+        self,
+        optimizer: torch.optim.Optimizer,
+        *,
+        steps_per_epoch: int | None = None,
+        replace: Mapping[int, nn.Parameter] | None = None,
+    ) -> RemovableHandle:
+        """Drive the schedule from ``optimizer.step()``: no hook calls needed in the loop.
+
+        After every step the optimizer really takes: pruned entries are
+        re-zeroed, ``step`` is counted (by the first attached optimizer only,
+        so a second optimizer does not double the clock), ``epoch`` becomes
+        ``step // steps_per_epoch`` and masks are updated where the schedule
+        says so. At every mask update the optimizer's per-entry state
+        (momentum buffers, Adam's ``exp_avg``/``exp_avg_sq``: every state
+        tensor shaped like the parameter) is zeroed at the pruned entries, so
+        no stale moment pushes a pruned weight again.
+
+        ``steps_per_epoch=None`` leaves epochs to :meth:`on_epoch_begin` (what
+        the trainer callbacks do); with epoch-scheduled pruners and no
+        ``on_epoch_begin`` call, the first step raises :class:`PruningError`.
+
+        ``replace`` maps ``id(old parameter) -> new parameter``; the optimizer
+        is re-pointed to the new parameters (state included) before attaching.
+        :func:`fxprune.prepare` uses it with :func:`prepared_parameter_map` for
+        an optimizer built on the original model. Returns the hook's handle;
+        :meth:`detach` is the way to stop.
+        """
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(
+                f"attach() expects a torch.optim.Optimizer, got {type(optimizer).__name__} "
+                "(unwrap trainer wrappers: the torch optimizer is usually its .optimizer)"
+            )
+        if steps_per_epoch is not None and (
+            isinstance(steps_per_epoch, bool) or not isinstance(steps_per_epoch, int) or steps_per_epoch < 1
+        ):
+            raise ValueError(f"steps_per_epoch must be a positive integer or None, got {steps_per_epoch!r}")
+        if any(o is optimizer for o, _ in self._optimizers):
+            raise PruningError("this optimizer is already attached to the pruner")
+        held = [p for g in optimizer.param_groups for p in g["params"]]
+        if replace is not None:
+            if not {id(p) for p in held} & set(replace):
+                raise PruningError(
+                    "the optimizer holds no parameter of the model being prepared; build it from the "
+                    "original model's parameters, or build it from prepared.parameters() after prepare()"
+                )
+            held = [replace.get(id(p), p) for p in held]
+        if not {id(t.masked.param) for t in self.targets} & {id(p) for p in held}:
+            raise PruningError(
+                "the optimizer holds none of the pruned parameters: build it from prepared.parameters() "
+                "(prepare() copies the model), or pass it as prepare(model, config, optimizer=opt), "
+                "which re-points it to the prepared copy"
+            )
+        if replace is not None:  # every check passed: only now touch the optimizer
+            _repoint(optimizer, replace)
+        if not self._optimizers:
+            self.steps_per_epoch = steps_per_epoch
+        handle = optimizer.register_step_post_hook(self._after_optimizer_step)
+        self._optimizers.append((optimizer, handle))
+        if steps_per_epoch is not None and self._optimizers[0][0] is optimizer:
+            self.epoch.fill_(int(self.step) // steps_per_epoch)
+        self.update_masks()
+        self.apply_masks()
+        return handle
+
+    def detach(self, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Stop driving the schedule from ``optimizer`` (default: from every attached optimizer)."""
+        for o, handle in self._optimizers:
+            if optimizer is None or o is optimizer:
+                handle.remove()
+        self._optimizers = [(o, h) for o, h in self._optimizers if optimizer is not None and o is not optimizer]
+
+    @property
+    def optimizers(self) -> list[torch.optim.Optimizer]:
+        """The attached optimizers (not saved, not copied: attach again after loading or copying)."""
+        return [o for o, _ in self._optimizers]
+
+    def _after_optimizer_step(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
+        # Optimizers that handle AMP scaling themselves (fused Adam/SGD) are called by GradScaler
+        # even on an overflow, with ``found_inf`` set; they skip the update and so do we.
+        found_inf = getattr(optimizer, "found_inf", None)
+        if found_inf is not None and bool(found_inf):
+            return
+        self.apply_masks()
+        if optimizer is not self._optimizers[0][0]:
+            return
+        self.step += 1
+        if self.steps_per_epoch is not None:
+            self.epoch.fill_(int(self.step) // self.steps_per_epoch)
+        elif int(self.epoch) < 0 and any(not p.by_step for p in self.pruner_configs):
+            names = ", ".join(p.key_path for p in self.pruner_configs if not p.by_step)
+            raise PruningError(
+                f"{names} schedule(s) by epoch, but no epoch is known: pass steps_per_epoch to attach() "
+                "or prepare(), call pruner.on_epoch_begin(epoch), or use step windows (end_step)"
+            )
+        self.update_masks()
+
+    @torch.no_grad()
+    def _zero_optimizer_state(self, masked: list[MaskedParameter]) -> None:
+        for optimizer in self.optimizers:
+            for m in masked:
+                for value in optimizer.state.get(m.param, {}).values():
+                    if torch.is_tensor(value) and value.shape == m.mask.shape:
+                        value.mul_(m.mask)
+
     # ---------------------------------------------------------- mask control
-    def goal_at(self, epoch: int) -> dict[str, float]:
-        """Each pruner's goal at ``epoch`` per its schedule (a dry run: changes nothing)."""
-        return {
-            p.name: sparsity_at(
-                epoch,
-                start=p.start_epoch,
-                end=p.end_epoch,
-                frequency=p.frequency,
+    def _time(self, p: PrunerConfig, epoch: int | None, step: int | None) -> int | None:
+        spe = self.steps_per_epoch
+        if p.by_step:
+            return step if step is not None else (epoch * spe if epoch is not None and spe else None)
+        return epoch if epoch is not None else (step // spe if step is not None and spe else None)
+
+    def goal_at(self, epoch: int | None = None, *, step: int | None = None) -> dict[str, float]:
+        """Each pruner's goal at ``epoch`` (epoch-scheduled) or ``step`` (step-scheduled); a dry run.
+
+        With an optimizer attached with ``steps_per_epoch``, either time is
+        converted to the other; otherwise a pruner whose unit is not given
+        raises ``ValueError``.
+        """
+        goals = {}
+        for p in self.pruner_configs:
+            t = self._time(p, epoch, step)
+            if t is None:
+                unit = "step" if p.by_step else "epoch"
+                raise ValueError(f"{p.key_path} is scheduled by {unit}: pass {unit}=")
+            start, end, frequency = p.window
+            goals[p.name] = sparsity_at(
+                t,
+                start=start,
+                end=end,
+                frequency=frequency,
                 init=p.init_sparsity,
                 target=p.target_sparsity,
                 schedule=p.schedule,
             )
-            for p in self.pruner_configs
-        }
+        return goals
 
-    def schedule_table(self, epochs: int) -> list[dict[str, float]]:
-        """Goals for epochs ``0 .. epochs-1``; print it to check a schedule before training."""
-        return [{"epoch": e, **self.goal_at(e)} for e in range(epochs)]
+    def schedule_table(self, n: int, *, by: str = "epoch") -> list[dict[str, float]]:
+        """Goals for epochs (``by='epoch'``) or steps (``by='step'``) ``0 .. n-1``; check a schedule first."""
+        if by not in ("epoch", "step"):
+            raise ValueError(f"by must be 'epoch' or 'step', got {by!r}")
+        return [{by: t, **self.goal_at(**{by: t})} for t in range(n)]
 
     def current_goals(self) -> dict[str, float]:
         """The goal each pruner has pruned to so far."""
         return {p.name: float(g) for p, g in zip(self.pruner_configs, self.goals)}
 
     @torch.no_grad()
-    def update_masks(self) -> None:
-        """Prune every pruner whose scheduled goal at the current epoch exceeds its current goal."""
-        epoch = int(self.epoch)
-        if epoch < 0:
-            return
-        goals = self.goal_at(epoch)
+    def update_masks(self) -> bool:
+        """Prune every pruner whose scheduled goal now exceeds its current goal; True if a mask changed.
+
+        "Now" is the current ``epoch`` for epoch-scheduled pruners (none
+        before the first epoch is set) and the current ``step`` for
+        step-scheduled ones.
+        """
+        goals = self.goal_at(int(self.epoch), step=int(self.step))  # epoch -1: before every window
+        changed: list[MaskedParameter] = []
         for i, p in enumerate(self.pruner_configs):
             goal = goals[p.name]
             if goal <= float(self.goals[i]):
@@ -114,13 +272,66 @@ class Pruner(nn.Module):
             scores = [POLICIES[p.policy](m) for m in group]
             for m, mask in zip(group, select_masks(p, group, scores, goal)):
                 m.set_mask(mask)
+            changed.extend(group)
             self.goals[i] = goal
+        if changed:
+            if self.sync_masks:
+                broadcast_masks(changed, self.process_group)
+            self._zero_optimizer_state(changed)
+        return bool(changed)
 
     def apply_masks(self) -> None:
         """Zero the stored pruned entries of every parameter that changed since the last call."""
         for t in self.targets:
             t.masked.apply_mask()
 
+    # -------------------------------------------------------- module plumbing
+    def _apply(self, fn, recurse=True):  # type: ignore[override]
+        # ``model.to(torch.bfloat16)`` / ``.half()`` convert floating buffers; the goals are
+        # bookkeeping, not weights, and rounding them would re-trigger or skip mask updates.
+        goals = self.goals
+        super()._apply(fn, recurse)
+        self.goals = goals.to(device=self.goals.device)
+        return self
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Attached optimizers belong to one training run: a copy or a pickle is not attached.
+        state = self.__dict__.copy()
+        state["_optimizers"] = []
+        return state
+
     def extra_repr(self) -> str:
         goals = ", ".join(f"{k}={v:.4f}" for k, v in self.current_goals().items())
         return f"epoch={int(self.epoch)}, step={int(self.step)}, goals=({goals})"
+
+
+def find_pruner(model: nn.Module) -> Pruner:
+    """The Pruner of the prepared model inside ``model`` (a DDP wrapper, a LightningModule, ...)."""
+    found = [m for m in model.modules() if isinstance(m, Pruner)]
+    if len(found) != 1:
+        raise PruningError(
+            f"expected exactly one prepared model (fxprune.prepare) inside {type(model).__name__}, found {len(found)}"
+        )
+    return found[0]
+
+
+def prepared_parameter_map(original: nn.Module, prepared: nn.Module) -> dict[int, nn.Parameter]:
+    """``id(original parameter) -> the prepared copy's parameter``, matched by name (tied names included)."""
+    mapping: dict[int, nn.Parameter] = {}
+    for name, p in original.named_parameters(remove_duplicate=False):
+        prefix, _, attr = name.rpartition(".")
+        owner = prepared.get_submodule(prefix) if prefix else prepared
+        q = getattr(owner, attr)
+        mapping[id(p)] = q.param if isinstance(q, MaskedParameter) else q
+    return mapping
+
+
+@torch.no_grad()
+def _repoint(optimizer: torch.optim.Optimizer, replace: Mapping[int, nn.Parameter]) -> None:
+    for group in optimizer.param_groups:
+        # In place: some optimizers (LBFGS) keep a reference to the list itself.
+        group["params"][:] = [replace.get(id(p), p) for p in group["params"]]
+    state = list(optimizer.state.items())
+    optimizer.state.clear()
+    for p, s in state:
+        optimizer.state[replace.get(id(p), p)] = s
