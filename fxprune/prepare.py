@@ -14,12 +14,13 @@ import warnings
 from typing import Any, Iterable, Mapping
 
 from torch import nn
+from torch.optim import Optimizer
 
 from fxprune.config import PruningConfig, load_config
 from fxprune.errors import TraceError
 from fxprune.graph_module import OriginalRoot, PreparedGraphModule, adopt_hierarchy, call_original_graph
 from fxprune.plan import make_plan
-from fxprune.pruner import Pruner
+from fxprune.pruner import Pruner, prepared_parameter_map
 from fxprune.report import PrepareReport
 from fxprune.rewrite import install_masks
 from fxprune.trace import trace_model
@@ -39,6 +40,8 @@ def prepare(
     *,
     concrete_args: dict[str, Any] | None = None,
     leaf_modules: Iterable[str | type] | None = None,
+    optimizer: Optimizer | None = None,
+    steps_per_epoch: int | None = None,
 ) -> PreparedGraphModule:
     """Return a pruning-ready copy of ``model``: masked parameters plus ``prepared.pruner``.
 
@@ -46,7 +49,14 @@ def prepare(
     used in control flow); ``leaf_modules`` (module names or classes) are kept
     as leaves and masked at module level. Submodules that cannot be traced
     become leaves automatically; see ``prepared.pruner.prepare_report``.
+
+    ``optimizer`` (built on ``model``'s parameters) turns on optimizer mode:
+    it is re-pointed to the prepared copy's parameters (state included) and
+    attached with ``prepared.pruner.attach(optimizer, steps_per_epoch=...)``,
+    so a plain loop prunes with no hook call; see :meth:`fxprune.Pruner.attach`.
     """
+    if steps_per_epoch is not None and optimizer is None:
+        raise TypeError("steps_per_epoch is only used with optimizer=; or call prepared.pruner.attach(opt, ...)")
     if not isinstance(model, nn.Module):
         raise TypeError(f"prepare() expects an nn.Module, got {type(model).__name__}")
     if isinstance(model, PreparedGraphModule):
@@ -80,6 +90,8 @@ def prepare(
         pruners={p: plan.names_of(p) for p in plan.pruners},
     )
     gm.pruner = Pruner(cfg, plan, targets, report)
+    if optimizer is not None:
+        gm.pruner.attach(optimizer, steps_per_epoch=steps_per_epoch, replace=prepared_parameter_map(model, gm))
     gm.train(model.training)
     if traced.fallback_leaves or traced.graph is None:
         warnings.warn(f"fxprune: partial trace of {class_name}\n{report}", TraceFallbackWarning, stacklevel=2)
