@@ -101,11 +101,19 @@ def sparsity_report(model: nn.Module) -> SparsityReport:
     rows: list[ParameterSparsity] = []
     seen: set[int] = set()
     prepared = any(isinstance(m, MaskedParameter) for m in model.modules())
+    # On a prepared model, list each module's parameters in their original order.
+    original_order: dict[int, list[str]] = {}
+    original_root = getattr(getattr(model, "_fxprune_original", None), "module", None)
+    for t in getattr(getattr(model, "pruner", None), "targets", []):
+        for (owner, _), order in zip(t.owners, t.orders):
+            original_order.setdefault(id(model) if owner is original_root else id(owner), order)
     for prefix, module in model.named_modules(remove_duplicate=False):
         if isinstance(module, MaskedParameter):
             continue
         items = [(a, p, False) for a, p in module._parameters.items() if p is not None]
         items += [(a, m, True) for a, m in module._modules.items() if isinstance(m, MaskedParameter)]
+        order = original_order.get(id(module), [])
+        items.sort(key=lambda item: order.index(item[0]) if item[0] in order else len(order))
         for attr, obj, masked in items:
             if id(obj) in seen:
                 continue
