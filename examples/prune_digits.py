@@ -148,6 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     start = time.perf_counter()
+    config = fxprune.load_config(args.config)  # fail on a bad config before spending time on training
     torch.manual_seed(args.seed)
     train_set, test_set = load_digits_split(args.seed)
     loader = DataLoader(train_set, batch_size=32, shuffle=True, generator=torch.Generator().manual_seed(args.seed))
@@ -162,7 +163,6 @@ def main(argv: list[str] | None = None) -> int:
     print(f"dense  test accuracy: {dense_acc:.4f}  ({args.epochs_dense} epochs)")
 
     # 2. Prepare and fine-tune with pruning. `dense` itself is not modified by prepare.
-    config = fxprune.load_config(args.config)
     prepared = fxprune.prepare(dense, config)
     print(f"config {args.config}; schedule:")
     for row in prepared.pruner.schedule_table(args.epochs_prune):
