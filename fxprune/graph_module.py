@@ -92,8 +92,10 @@ def adopt_hierarchy(gm: nn.Module, root: nn.Module) -> None:
         _drop(gm, name)
         gm._buffers[name] = b
     gm._non_persistent_buffers_set |= set(root._non_persistent_buffers_set)
+    registered = gm._modules.keys() | gm._parameters.keys() | gm._buffers.keys()
     for name, value in root.__dict__.items():
-        if name not in gm.__dict__:
+        # a plain attribute must not shadow a registered tensor (e.g. a traced tensor constant)
+        if name not in gm.__dict__ and name not in registered:
             gm.__dict__[name] = value
 
 
