@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -29,13 +30,27 @@ import yaml
 
 from fxprune.errors import ConfigError
 
-__all__ = ["PrunerConfig", "PruningConfig", "load_config", "SETTING_DEFAULTS", "POLICY_NAMES", "WINDOW_KEYS"]
+__all__ = [
+    "PrunerConfig",
+    "PruningConfig",
+    "load_config",
+    "SETTING_DEFAULTS",
+    "POLICY_NAMES",
+    "WINDOW_KEYS",
+    "SCOPE_NAMES",
+    "PATTERN_NAMES",
+    "nm_ratio",
+]
 
 #: Policies a pruner may be declared under (``pruning.<policy>.<pruner>``).
 POLICY_NAMES = ("magnitude",)
 
 #: Schedules (``schedule:``); the formulas live in :mod:`fxprune.schedules`.
 SCHEDULE_NAMES = ("linear", "cubic", "oneshot")
+
+#: Scopes (``scope:``) and named patterns (``pattern:``; ``"N:M"`` strings are patterns too).
+SCOPE_NAMES = ("local", "global")
+PATTERN_NAMES = ("unstructured", "channel")
 
 #: Global keys and their defaults (the seed's defaults). Every one may be overridden per pruner.
 SETTING_DEFAULTS: dict[str, Any] = {
@@ -49,6 +64,11 @@ SETTING_DEFAULTS: dict[str, Any] = {
     "start_step": None,  # first step with a non-zero goal (default 0 when end_step is set)
     "end_step": None,  # step at which the goal reaches target_sparsity; setting it selects step windows
     "frequency_steps": None,  # steps between goal updates (default 1 when end_step is set)
+    # Mask shape (fxprune.masks): which weights compete for the goal, and in which pattern.
+    "scope": "local",  # 'local': every tensor at the goal; 'global': one threshold over the pruner's tensors
+    "pattern": "unstructured",  # 'unstructured', 'channel' (whole output channels) or 'N:M' such as '2:4'
+    "min_sparsity": None,  # scope global: no tensor pruned less than this (or the goal, if lower)
+    "max_sparsity": None,  # scope global: no tensor pruned more than this
 }
 
 #: The two kinds of schedule window. One section (the global keys, or one pruner) uses one kind;
@@ -81,6 +101,10 @@ class PrunerConfig:
     start_step: int | None = None
     end_step: int | None = None
     frequency_steps: int | None = None
+    scope: str = SETTING_DEFAULTS["scope"]
+    pattern: str = SETTING_DEFAULTS["pattern"]
+    min_sparsity: float | None = None
+    max_sparsity: float | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.weights, (list, str)):
@@ -209,6 +233,7 @@ def _parse_section(section: Any, source: str | None) -> PruningConfig:
                     _check_setting(k, body[k], f"{ppath}.{k}", source)
                     settings[k] = body[k]
             _resolve_window(settings, globals_, body, ppath, source)
+            _resolve_nm_target(settings, globals_, body, ppath, source)
             weights = _parse_weights(body.get("weights"), f"{ppath}.weights", source)
             pruners.append(
                 PrunerConfig(
@@ -224,6 +249,10 @@ def _parse_section(section: Any, source: str | None) -> PruningConfig:
                     start_step=settings["start_step"],
                     end_step=settings["end_step"],
                     frequency_steps=settings["frequency_steps"],
+                    scope=settings["scope"],
+                    pattern=settings["pattern"],
+                    min_sparsity=settings["min_sparsity"],
+                    max_sparsity=settings["max_sparsity"],
                 )
             )
     if not pruners:
@@ -297,6 +326,14 @@ def _check_setting(key: str, value: Any, path: str, source: str | None) -> None:
     elif key == "schedule":
         if value not in SCHEDULE_NAMES:
             raise ConfigError(_unknown(value, SCHEDULE_NAMES, "schedule"), path, source)
+    elif key == "scope":
+        if value not in SCOPE_NAMES:
+            raise ConfigError(_unknown(value, SCOPE_NAMES, "scope"), path, source)
+    elif key == "pattern":
+        _check_pattern(value, path, source)
+    elif key in ("min_sparsity", "max_sparsity") and value is not None:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) <= 1.0:
+            raise ConfigError(f"must be a number in [0, 1] (or null for no bound), got {value!r}", path, source)
 
 
 def _validate(config: PruningConfig) -> None:
@@ -348,6 +385,7 @@ def _validate(config: PruningConfig) -> None:
                 f"{p.key_path}.init_sparsity",
                 source,
             )
+        _validate_shape_keys(p, source)
         if p.name in seen:
             raise ConfigError(
                 f"pruner name {p.name!r} is used twice (also at {seen[p.name]})", p.key_path, source
@@ -359,3 +397,100 @@ def _unknown(key: Any, known: Any, what: str) -> str:
     close = difflib.get_close_matches(str(key), [str(k) for k in known], n=1)
     hint = f" (did you mean {close[0]!r}?)" if close else ""
     return f"unknown {what} {key!r}{hint}; expected one of: {', '.join(map(str, known))}"
+
+
+def nm_ratio(pattern: Any) -> tuple[int, int] | None:
+    """``"2:4"`` -> ``(2, 4)``; ``None`` when ``pattern`` is not an N:M string."""
+    m = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", pattern) if isinstance(pattern, str) else None
+    return (int(m.group(1)), int(m.group(2))) if m else None
+
+
+def _check_pattern(value: Any, path: str, source: str | None) -> None:
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 60:
+        raise ConfigError(
+            f"got the number {value}: YAML 1.1 reads an unquoted N:M such as {value // 60}:{value % 60} as a "
+            f"base-60 number; quote it: pattern: '{value // 60}:{value % 60}'",
+            path,
+            source,
+        )
+    if value in PATTERN_NAMES:
+        return
+    nm = nm_ratio(value)
+    if nm is None:
+        raise ConfigError(_unknown(value, PATTERN_NAMES + ("N:M (e.g. '2:4')",), "pattern"), path, source)
+    n, m = nm
+    if not 0 < n < m:
+        raise ConfigError(f"N:M pattern {value!r} needs 0 < N < M", path, source)
+
+
+def _resolve_nm_target(
+    settings: dict[str, Any], globals_: Mapping[str, Any], body: Mapping[str, Any], path: str, source: str | None
+) -> None:
+    """An N:M pattern fixes the pruner's target at 1 - N/M: fill it in, or reject a different one.
+
+    A target given explicitly (in the pruner or as the global key) that is not
+    1 - N/M is an error rather than being overridden, so that no number the
+    user wrote is silently ignored.
+    """
+    nm = nm_ratio(settings["pattern"])
+    if nm is None:
+        return
+    fixed = 1.0 - nm[0] / nm[1]
+    given = "target_sparsity" in body or "target_sparsity" in globals_
+    if not given:
+        settings["target_sparsity"] = fixed
+    elif abs(float(settings["target_sparsity"]) - fixed) > 1e-9:
+        where = f"{path}.target_sparsity" if "target_sparsity" in body else "pruning.target_sparsity"
+        raise ConfigError(
+            f"pattern {settings['pattern']!r} fixes this pruner's sparsity at {fixed:g} (1 - N/M), but "
+            f"target_sparsity is {settings['target_sparsity']} (from {where}); "
+            f"set target_sparsity: {fixed:g} in this pruner or remove it",
+            f"{path}.target_sparsity",
+            source,
+        )
+
+
+def _validate_shape_keys(p: PrunerConfig, source: str | None) -> None:
+    """Cross-checks of scope, pattern and the per-layer bounds of one pruner."""
+    nm = nm_ratio(p.pattern)
+    if nm is not None:
+        fixed = 1.0 - nm[0] / nm[1]
+        if abs(p.target_sparsity - fixed) > 1e-9:
+            raise ConfigError(
+                f"pattern {p.pattern!r} fixes this pruner's sparsity at {fixed:g} (1 - N/M), "
+                f"got target_sparsity {p.target_sparsity}",
+                f"{p.key_path}.target_sparsity",
+                source,
+            )
+        if p.scope != "local":
+            raise ConfigError(
+                f"pattern {p.pattern!r} chooses weights within each group of {nm[1]}, so scope "
+                f"{p.scope!r} does not apply; use scope: local (the default)",
+                f"{p.key_path}.scope",
+                source,
+            )
+    for key in ("min_sparsity", "max_sparsity"):
+        if getattr(p, key) is not None and p.scope != "global":
+            raise ConfigError(
+                f"bounds the sparsity of each tensor of a global pruner; with scope {p.scope!r} every "
+                "tensor is pruned to the goal itself. Set scope: global or remove it",
+                f"{p.key_path}.{key}",
+                source,
+            )
+    lo, hi = p.min_sparsity, p.max_sparsity
+    if lo is not None and hi is not None and lo > hi:
+        raise ConfigError(f"min_sparsity ({lo}) must be <= max_sparsity ({hi})", f"{p.key_path}.min_sparsity", source)
+    if lo is not None and lo > p.target_sparsity:
+        raise ConfigError(
+            f"min_sparsity ({lo}) above target_sparsity ({p.target_sparsity}): every tensor would be pruned "
+            "more than the overall goal allows",
+            f"{p.key_path}.min_sparsity",
+            source,
+        )
+    if hi is not None and hi < p.target_sparsity:
+        raise ConfigError(
+            f"max_sparsity ({hi}) below target_sparsity ({p.target_sparsity}): no tensor may reach the goal, "
+            "so the overall goal cannot be met",
+            f"{p.key_path}.max_sparsity",
+            source,
+        )

@@ -1,19 +1,43 @@
-"""Scores + sparsity goal -> keep-mask.
+"""Scores + sparsity goal -> keep-mask, per the pruner's scope and pattern.
 
 Masks are monotone: an entry pruned once stays pruned, so a new mask only
-adds pruned entries to the old one. Ties are broken by flat index (lowest
-index pruned first), so the same weights always give the same mask.
+adds pruned entries to the old one, and already-pruned entries count toward
+the goal. Ties are broken by index (tensor order in the pruner, then flat
+index; lowest pruned first), so the same weights always give the same mask.
+NaN scores rank as ``+inf`` (kept) and ``-0.0`` equals ``0.0``.
+
+Three selections live here, all reached through :func:`select_masks`:
+
+- ``scope: local`` (:func:`local_unstructured_mask`): every tensor at the goal.
+- ``scope: global`` (:func:`global_unstructured_masks`): one threshold over all
+  of a pruner's tensors, optionally with per-layer ``min_sparsity`` /
+  ``max_sparsity``. Exact without concatenating or sorting the scores: a
+  radix selection on order-preserving integer keys of the scores (see
+  :func:`global_unstructured_masks`), with memory bounded by a chunk.
+- ``pattern: "N:M"`` (:func:`nm_mask`): at most N of every M consecutive
+  weights along the input dimension are kept.
 """
 from __future__ import annotations
 
 import math
+import warnings
+from typing import Sequence
 
 import torch
 
-from fxprune.config import PrunerConfig
+from fxprune.config import PrunerConfig, nm_ratio
+from fxprune.errors import PruningError
 from fxprune.masked import MaskedParameter
 
-__all__ = ["count_to_prune", "local_unstructured_mask", "select_masks"]
+__all__ = [
+    "count_to_prune",
+    "local_unstructured_mask",
+    "global_unstructured_masks",
+    "layer_bounds",
+    "parse_nm",
+    "nm_mask",
+    "select_masks",
+]
 
 
 def count_to_prune(sparsity: float, numel: int) -> int:
@@ -43,6 +67,403 @@ def local_unstructured_mask(scores: torch.Tensor, mask: torch.Tensor, sparsity: 
     return (~prune).reshape(mask.shape)
 
 
+# --------------------------------------------------------------------------- global scope
+#
+# Why a radix selection: the global threshold is the K-th smallest score over
+# all of a pruner's tensors. ``torch.kthvalue`` needs them concatenated (a full
+# copy) and then copies again and allocates int64 indices: about 16 bytes per
+# weight, 1.7 GiB for 110M weights. Instead each float score is mapped to an
+# integer key with the same order (flip the magnitude bits of negative
+# floats), and the K-th key is found 16 bits at a time: one pass counts the
+# top 16 bits of every key into 65536 buckets (``torch.bincount``), the bucket
+# holding the K-th key is found from the cumulative counts, and a second pass
+# gathers only the keys inside that bucket (a few hundred thousand for 100M
+# Gaussian weights), which are resolved exactly by sorting them. The second
+# pass also writes the output masks. Every pass walks the tensors in chunks,
+# so the extra memory is a few chunk-sized temporaries plus the candidates.
+# If the bucket holds too many keys (many equal scores), the next 16 bits are
+# counted the same way, down to a single key whose ties go by index.
+
+_CHUNK = 1 << 18  # elements per chunk: temporaries of ~1-2 MiB, which stay in cache
+_GATHER_CAP = 1 << 21  # most candidates gathered at once (~24 MiB of keys and indices)
+_DIGIT_BITS = 16
+_BUCKETS = 1 << _DIGIT_BITS
+
+
+class _KeySpace:
+    """Integer keys with the order of float scores: float32 -> int32, float64 -> int64."""
+
+    def __init__(self, dtype: torch.dtype):
+        if dtype == torch.float64:
+            self.fdtype, self.idtype, self.bits = torch.float64, torch.int64, 64
+        else:  # float32, and float16/bfloat16 scores widened to float32 (exact)
+            self.fdtype, self.idtype, self.bits = torch.float32, torch.int32, 32
+        self.pruned = -(1 << (self.bits - 1))  # below every float's key: already-pruned entries
+        self.magnitude = (1 << (self.bits - 1)) - 1
+        self.sanitize = False
+
+    def keys(self, scores: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+        """Keys of one chunk; pruned entries (``keep`` False) get the smallest key of all.
+
+        Negative floats have their magnitude bits flipped; negative keys are
+        then shifted up by one so that ``-0.0`` and ``0.0`` share key 0.
+        With ``self.sanitize`` NaN is first mapped to ``+inf`` (only needed when
+        NaN or +inf scores are present; the first histogram detects them).
+        """
+        c = scores if scores.dtype == self.fdtype else scores.to(self.fdtype)
+        if self.sanitize:
+            c = torch.nan_to_num(c, nan=math.inf, posinf=math.inf, neginf=-math.inf)
+        b = c.view(self.idtype)
+        sign = b >> (self.bits - 1)  # -1 for negative floats, 0 otherwise
+        k = sign & self.magnitude
+        torch.bitwise_xor(b, k, out=k)
+        k.sub_(sign)
+        if keep is not None:
+            k.masked_fill_(~keep, self.pruned)
+        return k
+
+    def special_buckets(self) -> tuple[int, int]:
+        """Level-0 buckets ``[0, low)`` and ``[high, 65536)``: reached only by pruned entries (bucket 0),
+        NaN and +inf scores. Finite scores and -inf land in between."""
+        half = 1 << (_DIGIT_BITS - 1)
+        inf_top = 0x7F80 if self.bits == 32 else 0x7FF0  # top 16 bits of +inf
+        return half - inf_top, half + inf_top
+
+    def digit(self, keys: torch.Tensor, level: int) -> torch.Tensor:
+        """The ``level``-th 16-bit digit (0 = most significant), as a bucket index in [0, 65536)."""
+        shift = self.bits - _DIGIT_BITS * (level + 1)
+        d = keys >> shift
+        return d + (1 << (_DIGIT_BITS - 1)) if level == 0 else d & (_BUCKETS - 1)
+
+    def prefix(self, keys: torch.Tensor, level: int) -> torch.Tensor:
+        """The digits above ``level``, as the signed top bits (comparable with a stored prefix)."""
+        return keys >> (self.bits - _DIGIT_BITS * level)
+
+
+def _chunks(n: int):
+    for lo in range(0, n, _CHUNK):
+        yield lo, min(n, lo + _CHUNK)
+
+
+def layer_bounds(
+    numels: Sequence[int],
+    already: Sequence[int],
+    k: int,
+    goal: float,
+    min_sparsity: float | None,
+    max_sparsity: float | None,
+) -> tuple[list[int], list[int], int]:
+    """Per-layer pruned-count bounds ``(lo, hi)`` and the overall count to reach.
+
+    In force at goal ``g``: each layer prunes at least ``min(min_sparsity, g)``
+    of its entries (a floor never above the overall goal, so it holds during
+    the ramp too) and at most ``max_sparsity``, rounded inward (ceil / floor).
+    Where rounding makes the exact overall count impossible (a bound equal to
+    the goal), bounds are relaxed by at most one element per layer. Already
+    pruned entries always stay pruned, so they raise both bounds; if that
+    forces more than ``k`` entries, the returned count is the smallest
+    feasible one and the caller warns.
+    """
+    n_layers = len(numels)
+    lo_frac = 0.0 if min_sparsity is None else min(min_sparsity, goal)
+    hi_frac = 1.0 if max_sparsity is None else max_sparsity
+    lo = [min(n, math.ceil(lo_frac * n - 1e-9)) for n in numels]
+    hi = [max(0, math.floor(hi_frac * n + 1e-9)) for n in numels]
+    excess = sum(lo) - k
+    for i in range(n_layers):  # relax rounding of the floors: layer order, one element each
+        if excess <= 0:
+            break
+        if lo[i] > math.floor(lo_frac * numels[i]):
+            lo[i] -= 1
+            excess -= 1
+    deficit = k - sum(hi)
+    for i in range(n_layers):
+        if deficit <= 0:
+            break
+        if hi[i] < min(numels[i], math.ceil(hi_frac * numels[i])):
+            hi[i] += 1
+            deficit -= 1
+    if deficit > 0:
+        raise PruningError(
+            f"max_sparsity {max_sparsity} leaves room for only {sum(hi)} pruned entries, "
+            f"fewer than the goal's {k}: raise max_sparsity to at least the target sparsity"
+        )
+    lo = [max(l_, a) for l_, a in zip(lo, already)]
+    hi = [max(h, a) for h, a in zip(hi, already)]
+    return lo, hi, max(k, sum(lo))
+
+
+def _clamp(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    return torch.minimum(torch.maximum(x, lo), hi)
+
+
+def global_unstructured_masks(
+    scores: Sequence[torch.Tensor],
+    masks: Sequence[torch.Tensor],
+    sparsity: float,
+    *,
+    min_sparsity: float | None = None,
+    max_sparsity: float | None = None,
+    where: str = "global pruner",
+) -> list[torch.Tensor]:
+    """Keep-masks with one threshold over all tensors: exactly ``sparsity`` of their entries pruned overall.
+
+    The pruned set is the lowest-scored entries in the order (score, tensor
+    index, flat index), already-pruned entries first, with each tensor's count
+    clamped to its bounds from :func:`layer_bounds`: tensor ``i`` prunes its
+    ``clamp(c_i(t), lo_i, hi_i)`` lowest entries, where ``c_i(t)`` counts its
+    entries below a global threshold ``t`` chosen so that the counts sum to the
+    goal. Without bounds this is plain global magnitude pruning.
+    """
+    numels = [m.numel() for m in masks]
+    already = [m.numel() - int(torch.count_nonzero(m)) for m in masks]
+    total = sum(numels)
+    k = count_to_prune(sparsity, total)
+    if k <= sum(already) or not masks:
+        return [m.clone() for m in masks]
+    lo, hi, k_feasible = layer_bounds(numels, already, k, sparsity, min_sparsity, max_sparsity)
+    if k_feasible > k:
+        warnings.warn(
+            f"{where}: min_sparsity together with the entries already pruned needs {k_feasible} pruned "
+            f"entries, more than the goal's {k} ({sparsity:.4f}); pruning {k_feasible}",
+            stacklevel=3,
+        )
+        k = k_feasible
+    dtype = torch.float64 if any(s.dtype == torch.float64 for s in scores) else torch.float32
+    return _select(list(scores), list(masks), k, lo, hi, _KeySpace(dtype))
+
+
+def _select(
+    scores: list[torch.Tensor],
+    masks: list[torch.Tensor],
+    k: int,
+    lo: list[int],
+    hi: list[int],
+    ks: _KeySpace,
+) -> list[torch.Tensor]:
+    """Radix selection of the ``k`` lowest keys with per-tensor bounds; returns keep-masks.
+
+    Tensors whose bounds can bind ("bound" tensors) keep their own bucket
+    counts and get their final mask from a selection of their own once their
+    count is known; all other tensors share one histogram and one threshold.
+    """
+    flat_s = [s.detach().reshape(-1) for s in scores]
+    flat_m = [m.reshape(-1) for m in masks]
+    numels = [m.numel() for m in flat_m]
+    n_t = len(flat_m)
+    pruned = [n - int(torch.count_nonzero(m)) for n, m in zip(numels, flat_m)]
+    bound = [i for i in range(n_t) if lo[i] > pruned[i] or hi[i] < numels[i]]
+    bidx = torch.tensor(bound, dtype=torch.int64)
+    lo_b = torch.tensor([lo[i] for i in bound], dtype=torch.int64)
+    hi_b = torch.tensor([hi[i] for i in bound], dtype=torch.int64)
+    below_b = torch.zeros(len(bound), dtype=torch.int64)  # bound tensors: entries below the range
+    below_free = 0  # free tensors together: entries below the range
+    prefix: int | None = None  # signed top bits shared by the candidate range (None: all keys)
+    level = 0
+    while True:
+        free = torch.zeros(_BUCKETS, dtype=torch.int64)
+        own = torch.zeros(len(bound), _BUCKETS, dtype=torch.int64)
+        for i in range(n_t):
+            h = own[bound.index(i)] if i in bound else free
+            m_i = flat_m[i] if pruned[i] else None
+            for a, b in _chunks(numels[i]):
+                key = ks.keys(flat_s[i][a:b], None if m_i is None else m_i[a:b])
+                if prefix is not None:
+                    key = key[ks.prefix(key, level) == prefix]
+                h += torch.bincount(ks.digit(key, level), minlength=_BUCKETS)
+        if level == 0 and not ks.sanitize:
+            low, high = ks.special_buckets()
+            hist = free + own.sum(0)
+            if int(hist[:low].sum()) > sum(pruned) or int(hist[high:].sum()) > 0:
+                ks.sanitize = True  # NaN or +inf scores: count again with NaN read as +inf
+                continue
+        zero = torch.zeros(1, dtype=torch.int64)
+        cum_free = torch.cat([zero, free.cumsum(0)])
+        f = cum_free + below_free
+        if bound:
+            cum_own = torch.cat([zero.expand(len(bound), 1), own.cumsum(1)], 1)
+            f = f + _clamp(cum_own + below_b[:, None], lo_b[:, None], hi_b[:, None]).sum(0)
+        # The bucket holding the k-th pruned entry: f(d) < k <= f(d + 1).
+        d = max(0, int(torch.searchsorted(f, torch.tensor([k]))) - 1)
+        below_free += int(cum_free[d])
+        if bound:
+            below_b = below_b + cum_own[:, d]
+        ties_b = own[:, d].clone() if bound else torch.zeros(0, dtype=torch.int64)
+        in_range = int(free[d]) + int(ties_b.sum())
+        prefix = d - (1 << (_DIGIT_BITS - 1)) if level == 0 else (prefix << _DIGIT_BITS) | d
+        level += 1
+        if in_range <= _GATHER_CAP or _DIGIT_BITS * level >= ks.bits:
+            break
+    f_lo = below_free + (int(_clamp(below_b, lo_b, hi_b).sum()) if bound else 0)
+    state = _Range(prefix, level, ks)
+    if in_range <= _GATHER_CAP:
+        keep, counts = _finish_gather(flat_s, flat_m, pruned, state, k - f_lo, bound, below_b, lo_b, hi_b)
+    else:  # a single key shared by too many entries: ties go by index
+        keep, counts = _finish_ties(flat_s, flat_m, pruned, state, k - f_lo, bound, below_b, lo_b, hi_b, ties_b)
+    for j, i in enumerate(bound):
+        c = counts[j]
+        keep[i] = _select([flat_s[i]], [flat_m[i]], c, [0], [numels[i]], ks)[0] if c else flat_m[i].clone()
+    return [kp.reshape(m.shape) for kp, m in zip(keep, masks)]
+
+
+class _Range:
+    """The candidate range: keys whose top ``16 * level`` bits equal ``prefix``."""
+
+    def __init__(self, prefix: int, level: int, ks: _KeySpace):
+        self.prefix, self.level, self.ks = prefix, level, ks
+
+    def split(
+        self, s: torch.Tensor, m: torch.Tensor | None, keep_out: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and in-range entries of one chunk; writes ``key >= range`` (kept so far) to ``keep_out``."""
+        key = self.ks.keys(s, m)
+        top = self.ks.prefix(key, self.level)
+        torch.ge(top, self.prefix, out=keep_out)
+        return key, top == self.prefix
+
+
+def _finish_gather(flat_s, flat_m, pruned, rng: _Range, need: int, bound, below_b, lo_b, hi_b):
+    """Second pass: prune everything below the range, gather the range, resolve it exactly by sorting."""
+    keep: list[torch.Tensor] = []
+    cand_key, cand_pos, cand_tid = [], [], []
+    for i, (s, m) in enumerate(zip(flat_s, flat_m)):
+        out = torch.empty_like(m)
+        has_pruned = bool(pruned[i])
+        for a, b in _chunks(m.numel()):
+            key, inside = rng.split(s[a:b], m[a:b] if has_pruned else None, out[a:b])
+            pos = torch.nonzero(inside).reshape(-1)
+            if pos.numel():
+                cand_key.append(key[pos].to(torch.int64))
+                cand_pos.append(pos + a)
+                cand_tid.append(torch.full_like(pos, i))
+        keep.append(out)
+    if not cand_key:
+        return keep, [int(x) for x in _clamp(below_b, lo_b, hi_b)] if len(bound) else []
+    key = torch.cat(cand_key)
+    pos = torch.cat(cand_pos)
+    tid = torch.cat(cand_tid)
+    order = torch.sort(key, stable=True).indices  # (key, tensor, index): gathered in tensor, index order
+    pos, tid = pos[order], tid[order]
+    # Rank of each candidate within its tensor, in sorted order.
+    by_t = torch.sort(tid, stable=True).indices
+    per_t = torch.bincount(tid, minlength=len(flat_m))
+    starts = per_t.cumsum(0) - per_t
+    rank = torch.empty_like(tid)
+    rank[by_t] = torch.arange(tid.numel()) - starts[tid[by_t]]
+    gain = torch.ones_like(tid)
+    slot = torch.full((len(flat_m),), -1, dtype=torch.int64)
+    if len(bound):
+        slot[torch.tensor(bound)] = torch.arange(len(bound))
+        isb = slot[tid] >= 0
+        sb = slot[tid[isb]]
+        c = below_b[sb] + rank[isb] + 1
+        gain[isb] = ((c > lo_b[sb]) & (c <= hi_b[sb])).to(torch.int64)
+    reached = gain.cumsum(0)
+    p = 0 if need <= 0 else int(torch.searchsorted(reached, torch.tensor([need]))) + 1
+    take = torch.zeros_like(tid, dtype=torch.bool)
+    take[:p] = True
+    chosen = take & (slot[tid] < 0)
+    for i in torch.unique(tid[chosen]).tolist():
+        keep[i][pos[chosen & (tid == i)]] = False
+    counts = []
+    for j, i in enumerate(bound):
+        n_i = int(torch.count_nonzero(take & (tid == i)))
+        counts.append(int(_clamp(below_b[j] + n_i, lo_b[j], hi_b[j])))
+    return keep, counts
+
+
+def _finish_ties(flat_s, flat_m, pruned, rng: _Range, need: int, bound, below_b, lo_b, hi_b, ties_b):
+    """Second pass when the range is one key held by many entries: ties are taken in index order."""
+    keep: list[torch.Tensor] = []
+    counts = []
+    for i, (s, m) in enumerate(zip(flat_s, flat_m)):
+        out = torch.empty_like(m)
+        if i in bound:
+            j = bound.index(i)
+            base = int(_clamp(below_b[j], lo_b[j], hi_b[j]))
+            top = int(_clamp(below_b[j] + ties_b[j], lo_b[j], hi_b[j]))
+            got = min(max(need, 0), top - base)
+            need -= got
+            counts.append(base + got)
+            keep.append(out)  # replaced by the caller
+            continue
+        has_pruned = bool(pruned[i])
+        for a, b in _chunks(m.numel()):
+            key, inside = rng.split(s[a:b], m[a:b] if has_pruned else None, out[a:b])
+            if need > 0:
+                first = inside & (inside.cumsum(0) <= need)
+                need -= int(torch.count_nonzero(first))
+                out[a:b] &= ~first
+        keep.append(out)
+    return keep, counts
+
+
+# --------------------------------------------------------------------------- N:M pattern
+
+
+def parse_nm(pattern: str) -> tuple[int, int] | None:
+    """``"2:4"`` -> ``(2, 4)``; ``None`` for other patterns (validated in :mod:`fxprune.config`)."""
+    return nm_ratio(pattern)
+
+
+def _groups_view(x: torch.Tensor, m: int, name: str) -> torch.Tensor:
+    """``x`` as rows of ``m`` consecutive entries along the input dimension.
+
+    Linear ``[out, in]``: groups run along ``in``. Conv ``[out, in/groups, *k]``:
+    groups run along the input channels at each (out, kernel position), the
+    layout of sparse tensor cores for implicit-GEMM convolutions (the input
+    channel is the reduction dimension). Other shapes: the last dimension.
+    """
+    if x.dim() < 2:
+        raise PruningError(f"{name}: pattern N:M needs a weight with at least 2 dimensions, got shape {tuple(x.shape)}")
+    t = x.movedim(1, -1) if x.dim() > 2 else x
+    if t.shape[-1] % m:
+        dim = "input channels (dim 1)" if x.dim() > 2 else "input features (dim 1)"
+        raise PruningError(
+            f"{name}: pattern N:M with M={m} needs the {dim} to be divisible by {m}, "
+            f"got shape {tuple(x.shape)}; exclude this weight from the pruner or pick another M"
+        )
+    return t.reshape(-1, m)
+
+
+def nm_mask(
+    scores: torch.Tensor, mask: torch.Tensor, n: int, m: int, sparsity: float, name: str = "weight"
+) -> torch.Tensor:
+    """Keep-mask with at most ``n`` of every ``m`` consecutive input weights kept.
+
+    At the pattern's own sparsity ``1 - n/m`` (and above) every group prunes
+    its ``m - n`` lowest-scored entries. Below it (during a schedule's ramp),
+    exactly ``sparsity`` of the tensor is pruned, choosing the lowest-scored
+    entries among each group's ``m - n`` lowest, so the pattern is never
+    exceeded and the final step completes it. Already-pruned entries stay
+    pruned (a group that already has more than ``m - n`` zeros keeps them).
+    """
+    keep = _groups_view(mask, m, name)
+    s = _groups_view(torch.nan_to_num(scores.detach(), nan=math.inf), m, name).clone()
+    s[~keep] = -math.inf
+    rank = torch.empty_like(s, dtype=torch.int64)
+    rank.scatter_(1, torch.sort(s, dim=1, stable=True).indices, torch.arange(m).expand_as(s).contiguous())
+    eligible = (rank < m - n) | ~keep
+    if sparsity >= 1.0 - n / m - 1e-12:
+        new_keep = keep & ~eligible
+    else:
+        s[~eligible] = math.inf
+        new_keep = local_unstructured_mask(s, keep, sparsity) | (~eligible & keep)
+        new_keep &= keep
+    return _restore(new_keep, mask)
+
+
+def _restore(groups: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`_groups_view`."""
+    if like.dim() > 2:
+        moved = like.movedim(1, -1)
+        return groups.reshape(moved.shape).movedim(-1, 1).contiguous()
+    return groups.reshape(like.shape)
+
+
+# --------------------------------------------------------------------------- dispatch
+
+
 def select_masks(
     pruner: PrunerConfig, group: list[MaskedParameter], scores: list[torch.Tensor], goal: float
 ) -> list[torch.Tensor]:
@@ -50,4 +471,24 @@ def select_masks(
 
     The one place where mask patterns are chosen; the Pruner calls nothing else.
     """
-    return [local_unstructured_mask(s, m.mask, goal) for m, s in zip(group, scores)]
+    pattern = getattr(pruner, "pattern", "unstructured")
+    if pattern == "channel":
+        # Structured channel pruning (whole output channels, coupled through the
+        # channel-dependency graph) lives in fxprune.structured.
+        from fxprune.structured.importance import channel_masks
+
+        return channel_masks(pruner, group, scores, goal)
+    nm = parse_nm(pattern)
+    if nm is not None:
+        names = [getattr(mp, "_fxprune_name", f"{pruner.key_path} weight {i}") for i, mp in enumerate(group)]
+        return [nm_mask(s, mp.mask, *nm, goal, name) for mp, s, name in zip(group, scores, names)]
+    if getattr(pruner, "scope", "local") == "global":
+        return global_unstructured_masks(
+            scores,
+            [mp.mask for mp in group],
+            goal,
+            min_sparsity=getattr(pruner, "min_sparsity", None),
+            max_sparsity=getattr(pruner, "max_sparsity", None),
+            where=pruner.key_path,
+        )
+    return [local_unstructured_mask(s, mp.mask, goal) for mp, s in zip(group, scores)]
