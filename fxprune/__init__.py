@@ -3,6 +3,7 @@
 ``prepare(model, config)`` -> train with ``prepared.pruner``'s hooks ->
 ``convert(prepared)`` gives back the original model class with pruned weights.
 """
+from fxprune.calibrate import calibrate
 from fxprune.config import PrunerConfig, PruningConfig, load_config
 from fxprune.convert import convert
 from fxprune.errors import ConfigError, PruningError, TraceError
@@ -10,12 +11,16 @@ from fxprune.masked import MaskedParameter
 from fxprune.prepare import TraceFallbackWarning, prepare
 from fxprune.pruner import Pruner
 from fxprune.report import PrepareReport, SparsityReport, sparsity_report
+from fxprune.sensitivity import SensitivityTable, sensitivity
 
 __all__ = [
     "prepare",
     "convert",
     "load_config",
     "sparsity_report",
+    "calibrate",
+    "sensitivity",
+    "SensitivityTable",
     "Pruner",
     "PruningConfig",
     "PrunerConfig",

@@ -44,7 +44,7 @@ from fxprune.errors import PruningError
 from fxprune.masked import MaskedParameter
 from fxprune.masks import select_masks
 from fxprune.plan import PruningPlan
-from fxprune.policies import POLICIES
+from fxprune.policies import POLICIES, PolicyNotReady
 from fxprune.report import PrepareReport
 from fxprune.rewrite import InstalledTarget
 from fxprune.schedules import sparsity_at
@@ -74,6 +74,8 @@ class Pruner(nn.Module):
         self.register_buffer("epoch", torch.tensor(-1, dtype=torch.long))
         self.register_buffer("step", torch.tensor(0, dtype=torch.long))
         self.register_buffer("goals", torch.zeros(len(self.pruner_configs), dtype=torch.float64))
+        for t in targets:  # per-weight policy state (movement sums, wanda norms) goes next to its mask
+            POLICIES[plan.pruners[t.pruner].policy].attach(t.masked)
 
     # ------------------------------------------------------------------ hooks
     def on_epoch_begin(self, epoch: int) -> None:
@@ -99,6 +101,7 @@ class Pruner(nn.Module):
         """
         self.apply_masks()
         if not self._optimizers:
+            self.observe_gradients()
             self.step += 1
             self.update_masks()
 
@@ -193,6 +196,7 @@ class Pruner(nn.Module):
         self.apply_masks()
         if optimizer is not self._optimizers[0][0]:
             return
+        self.observe_gradients()
         self.step += 1
         if self.steps_per_epoch is not None:
             self.epoch.fill_(int(self.step) // self.steps_per_epoch)
@@ -269,7 +273,7 @@ class Pruner(nn.Module):
             if goal <= float(self.goals[i]):
                 continue
             group = [t.masked for t in self.targets if t.pruner == p.name]
-            scores = [POLICIES[p.policy](m) for m in group]
+            scores = [self._policy_scores(p, t) for t in self.targets if t.pruner == p.name]
             for m, mask in zip(group, select_masks(p, group, scores, goal)):
                 m.set_mask(mask)
             changed.extend(group)
@@ -279,6 +283,24 @@ class Pruner(nn.Module):
                 broadcast_masks(changed, self.process_group)
             self._zero_optimizer_state(changed)
         return bool(changed)
+
+    @torch.no_grad()
+    def observe_gradients(self) -> None:
+        """Feed the gradients of the optimizer step that just ran to gradient-based policies (movement).
+
+        Called once per step, while ``param.grad`` still holds that step's
+        gradient: by :meth:`on_batch_end` in hook style, by the optimizer
+        post-hook in optimizer mode. Policies without gradient state ignore it.
+        """
+        policy_of = {p.name: POLICIES[p.policy] for p in self.pruner_configs}
+        for t in self.targets:
+            policy_of[t.pruner].observe_gradients(t.masked)
+
+    def _policy_scores(self, p: PrunerConfig, t: InstalledTarget) -> torch.Tensor:
+        try:
+            return POLICIES[p.policy](t.masked)
+        except PolicyNotReady as e:
+            raise PruningError(f"{p.key_path}: weight {t.name!r}: {e}") from None
 
     def apply_masks(self) -> None:
         """Zero the stored pruned entries of every parameter that changed since the last call."""
