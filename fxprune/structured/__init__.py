@@ -1,0 +1,33 @@
+"""Structured (channel) pruning: dependency groups, group importance, physical shrinking.
+
+``pattern: channel`` on a pruner removes whole channels. The pieces, in data-flow order:
+
+* :mod:`~fxprune.structured.dependency` -- channel atoms, dependencies and groups over the fx graph (networkx);
+* :mod:`~fxprune.structured.analysis` -- the plan of a prepared model: which pruner prunes which group,
+  and a report of what cannot be pruned and why;
+* :mod:`~fxprune.structured.importance` -- group importance (L1/L2 over coupled slices) and channel masks;
+* :mod:`~fxprune.structured.shrink` -- ``convert(physical=True)``: cut the removed channels out.
+"""
+from __future__ import annotations
+
+from fxprune.structured.analysis import ChannelPlan, ChannelReport, attach_channel_plan, channel_plan_of, channel_report
+from fxprune.structured.dependency import ChannelGraph, ChannelGroup, Slice, build_channel_graph
+from fxprune.structured.importance import channel_masks, group_importance, select_channels
+from fxprune.structured.shrink import removed_channels, shrink
+
+__all__ = [
+    "ChannelPlan",
+    "ChannelReport",
+    "ChannelGraph",
+    "ChannelGroup",
+    "Slice",
+    "attach_channel_plan",
+    "build_channel_graph",
+    "channel_masks",
+    "channel_plan_of",
+    "channel_report",
+    "group_importance",
+    "removed_channels",
+    "select_channels",
+    "shrink",
+]

@@ -1,0 +1,199 @@
+"""The channel plan of a prepared model: groups, which pruner may prune each, and why not.
+
+Built once by :func:`attach_channel_plan` (called from ``prepare`` when a
+pruner has ``pattern: channel``) and kept on the prepared model, so that the
+mask update (:func:`fxprune.structured.importance.channel_masks`) and
+``convert(physical=True)`` read the same decisions. It is plain data plus
+references to the prepared model's own masked-parameter modules, so it
+follows the model through ``deepcopy`` and pickling.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+import torch
+import torch.fx as fx
+from torch import nn
+
+from fxprune.masked import MaskedParameter
+from fxprune.structured.dependency import ChannelGraph, ChannelGroup, build_channel_graph, trace_for_channels
+
+__all__ = ["ChannelPlan", "ChannelReport", "attach_channel_plan", "channel_plan_of", "channel_report"]
+
+_ATTR = "_fxprune_channels"
+
+
+@dataclass
+class ChannelReport:
+    """Per channel pruner: the groups it prunes, the ones it cannot, and its weights left dense.
+
+    ``str()`` is a table; ``excluded`` maps a group's layers to the reasons.
+    """
+
+    pruner: str
+    prunable: list[tuple[int, int, list[str]]] = field(default_factory=list)  # (group, channels, layers)
+    excluded: list[tuple[int, int, list[str], list[str]]] = field(default_factory=list)  # + reasons
+    dense_weights: list[str] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        lines = [f"channel pruning for pruner {self.pruner!r}:"]
+        lines.append(f"  {len(self.prunable)} prunable group(s)")
+        for gid, n, layers in self.prunable:
+            lines.append(f"    group {gid:3d}  {n:5d} channels  {_short(layers)}")
+        lines.append(f"  {len(self.excluded)} excluded group(s) (not pruned; reason)")
+        for gid, n, layers, reasons in self.excluded:
+            lines.append(f"    group {gid:3d}  {n:5d} channels  {_short(layers)}")
+            for r in reasons[:3]:
+                lines.append(f"        - {r}")
+            if len(reasons) > 3:
+                lines.append(f"        - ... and {len(reasons) - 3} more")
+        if self.dense_weights:
+            lines.append(f"  weights of this pruner left dense (no prunable channel): {_short(self.dense_weights, 8)}")
+        return "\n".join(lines)
+
+
+def _short(items: list[str], n: int = 4) -> str:
+    return ", ".join(items[:n]) + (f", ... (+{len(items) - n})" if len(items) > n else "")
+
+
+@dataclass
+class ChannelPlan:
+    """Channel groups of one prepared model and, per group, the pruner allowed to prune it (or None)."""
+
+    channels: ChannelGraph
+    masked: dict[str, MaskedParameter]  # tensor name -> masked module, for every pruned tensor in a group
+    owner: dict[str, str]  # pruned tensor name -> pruner name
+    eligible: dict[int, str]  # group index -> pruner that prunes it
+    reports: dict[str, ChannelReport]
+    channel_pruners: tuple[str, ...]
+
+    def groups_of(self, pruner: str) -> list[ChannelGroup]:
+        return [g for g in self.channels.groups if self.eligible.get(g.index) == pruner]
+
+    def removed(self, group: ChannelGroup) -> torch.Tensor:
+        """Channels (local indices into ``group.channels``) whose every masked slice is fully pruned."""
+        from fxprune.structured.importance import kept_entries  # noqa: PLC0415
+
+        return (kept_entries(self, group) == 0).nonzero().reshape(-1)
+
+
+def channel_plan_of(prepared: nn.Module) -> ChannelPlan | None:
+    """The plan attached by ``prepare`` (``None`` if no pruner uses ``pattern: channel``)."""
+    return prepared.__dict__.get(_ATTR)
+
+
+def channel_report(prepared: nn.Module) -> dict[str, ChannelReport]:
+    """What channel pruning can and cannot do on this prepared model, per channel pruner."""
+    plan = channel_plan_of(prepared)
+    if plan is None:
+        raise ValueError("this model has no channel pruner (no pruner with 'pattern: channel')")
+    return plan.reports
+
+
+def attach_channel_plan(prepared: fx.GraphModule, channel_pruners: list[str] | tuple[str, ...]) -> ChannelPlan:
+    """Analyse ``prepared`` and keep the plan on it; called by ``prepare`` for channel pruners.
+
+    Every target of a channel pruner gets a reference to the plan, because
+    the mask update sees only the masked modules of one pruner.
+    """
+    pruner = prepared.pruner
+    masked_by_name: dict[str, MaskedParameter] = {}
+    owner: dict[str, str] = {}
+    for t in pruner.targets:
+        masked_by_name[t.name] = t.masked
+        owner[t.name] = t.pruner
+    aliases = {}
+    for name, mod in prepared.named_modules(remove_duplicate=False):
+        if isinstance(mod, MaskedParameter):
+            aliases[name] = mod
+    canonical = {id(m): n for n, m in masked_by_name.items()}
+
+    def tensor_of(name: str) -> torch.Tensor | None:
+        try:
+            obj = prepared.get_submodule(name)
+        except AttributeError:
+            obj = None
+        if isinstance(obj, MaskedParameter):
+            return obj.param
+        prefix, _, attr = name.rpartition(".")
+        try:
+            mod = prepared.get_submodule(prefix) if prefix else prepared
+        except AttributeError:
+            return None
+        t = getattr(mod, attr, None)
+        if isinstance(t, MaskedParameter):
+            return t.param
+        return t if isinstance(t, torch.Tensor) else None
+
+    graphs = list(_graphs(prepared))
+    cg = build_channel_graph(prepared, graphs, tensor_of)
+
+    # Canonical names for masked tensors reached under an alias (tied weights).
+    for grp in cg.groups:
+        for s in grp.slices:
+            m = aliases.get(s.tensor)
+            if m is not None and id(m) in canonical:
+                s.tensor = canonical[id(m)]
+
+    eligible: dict[int, str] = {}
+    reports = {p: ChannelReport(p) for p in channel_pruners}
+    for grp in cg.groups:
+        pruners = {owner[s.tensor] for s in grp.slices if s.tensor in owner}
+        mine = pruners & set(channel_pruners)
+        if not mine:
+            continue
+        reasons = list(grp.blockers)
+        if len(pruners) > 1:
+            reasons.append(f"its tensors are pruned by several pruners ({', '.join(sorted(pruners))})")
+        unpruned = [w for w in grp.weights() if w not in owner]
+        if unpruned:
+            reasons.append(f"weights not selected by pruner {sorted(mine)[0]!r}: {_short(unpruned)}")
+        if grp.size < 2:
+            reasons.append("a single channel (removing it would empty the layer)")
+        for p in mine:
+            if reasons:
+                reports[p].excluded.append((grp.index, grp.size, grp.layers(), reasons))
+            else:
+                reports[p].prunable.append((grp.index, grp.size, grp.layers()))
+                eligible[grp.index] = p
+    covered = {s.tensor for g in cg.groups if g.index in eligible for s in g.slices}
+    for name, p in owner.items():
+        if p in reports and name not in covered:
+            reports[p].dense_weights.append(name)
+
+    plan = ChannelPlan(cg, masked_by_name, owner, eligible, reports, tuple(channel_pruners))
+    prepared.__dict__[_ATTR] = plan
+    for name, p in owner.items():
+        if p in channel_pruners:
+            masked_by_name[name].__dict__[_ATTR] = plan
+    return plan
+
+
+def _graphs(prepared: fx.GraphModule):
+    """The prepared graph, plus fx traces of the leaves (or the root) that hide pruned weights."""
+    report = prepared.pruner.prepare_report
+    if report.traced:
+        yield prepared.graph, ""
+        hidden = list(report.fallback_leaves)
+    else:
+        hidden = [""]
+    for name in hidden:
+        yield from _trace_down(prepared, name)
+
+
+def _trace_down(prepared: nn.Module, name: str):
+    """Trace a module for the analysis; if it cannot be traced, its children one by one."""
+    module = prepared.get_submodule(name) if name else prepared._fxprune_original.module
+    if name:
+        for first_input_only in (False, True):
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    graph = trace_for_channels(module, first_input_only=first_input_only)
+            except Exception:  # noqa: BLE001 - untraceable: try the next way, then look inside
+                continue
+            yield graph, name + "."
+            return
+    for child, _ in module.named_children():
+        if any(isinstance(m, MaskedParameter) for m in module.get_submodule(child).modules()):
+            yield from _trace_down(prepared, f"{name}.{child}" if name else child)

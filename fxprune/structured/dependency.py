@@ -1,0 +1,722 @@
+"""Channel dependencies over an fx graph: which channels must be removed together.
+
+Vocabulary (after Torch-Pruning's, learned not copied):
+
+* a **channel atom** is one channel of one activation in the graph (channel 5
+  of the output of ``layer1.0.conv1``);
+* a **dependency** says two atoms are the same channel (residual ``add``,
+  BatchNorm, ReLU, depthwise conv, the ``x * se_scale`` of squeeze-excitation,
+  a concatenation's input and output slices);
+* a **channel** is a connected component of atoms (networkx), and a **group**
+  is a connected set of channels that share an activation -- all channels of
+  the layer1 residual stream of a ResNet, say. The pruner's goal is met per
+  group.
+* a **slice** is where a channel lives in a tensor of the model: a row of
+  the producing conv's weight and bias, an entry of the BatchNorm's weight,
+  bias and running statistics, a column of every consuming conv or linear (a
+  block of columns after ``flatten``), a layer-scale entry.
+
+Why exact semantics need consumers: a zeroed output row of conv+BN is not a
+zero channel (BN adds its shift, an SE gate multiplies a constant, padding
+makes a constant map non-constant), so "the same output as the masked model"
+cannot be had by folding constants. Instead the channel pattern masks every
+*weight* slice of a pruned channel -- producer rows *and* consumer columns.
+Then no consumer reads the channel, the masked model's output does not depend
+on it, and physical removal is exact. The price is that every consumer must
+be visible: a channel read by anything the analysis cannot follow (an op it
+does not know, a leaf module, the model output, a reshape, a statistic over
+channels such as LayerNorm) is not pruned, and the reason is reported.
+
+Assumption stated once: convolution activations are batched, ``(N, C, ...)``.
+"""
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+import networkx as nx
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["Slice", "ChannelGroup", "ChannelGraph", "build_channel_graph", "trace_for_channels"]
+
+# Slice kinds: how a group's channels index a tensor.
+OUT = "out"  # positions along ``dim`` (rows of a producer, BN entries, layer scale)
+IN = "in"  # columns of a conv / linear weight (dim 1)
+IN_BLOCK = "in_block"  # flatten -> linear: channel c is columns [c*s, (c+1)*s)
+IN_GROUPED = "in_grouped"  # grouped conv: input p is column p % (C/g) of the rows of block p // (C/g)
+
+
+@dataclass
+class Slice:
+    """Where the channels of one group live in one model tensor (parameter or buffer).
+
+    ``channels[i]`` (a channel id of the group) sits at ``positions[i]`` along
+    ``dim`` of ``tensor``; for ``in_block`` each position is a block of
+    ``block`` columns, for ``in_grouped`` the tensor is a conv weight with
+    ``groups`` groups.
+    """
+
+    tensor: str
+    dim: int
+    kind: str
+    channels: torch.Tensor
+    positions: torch.Tensor
+    block: int = 1
+    groups: int = 1
+    is_weight: bool = False  # a conv/linear weight (must be pruned by the group's pruner)
+
+
+@dataclass
+class ChannelGroup:
+    """Channels that are pruned under one goal, and every tensor slice they own."""
+
+    index: int
+    channels: list[int]  # channel ids (global)
+    slices: list[Slice] = field(default_factory=list)
+    blockers: list[str] = field(default_factory=list)  # why it cannot be removed exactly
+    cells: list[list[int]] | None = None  # grouped convs: local channel indices, equal removal per cell
+    ids: torch.Tensor | None = field(default=None, repr=False)  # ``channels`` as a tensor, built on first use
+
+    @property
+    def size(self) -> int:
+        return len(self.channels)
+
+    def local(self, channels: torch.Tensor) -> torch.Tensor:
+        """Global channel ids -> indices into :attr:`channels` (which is sorted)."""
+        if self.ids is None:
+            self.ids = torch.tensor(self.channels, dtype=torch.long)
+        return torch.searchsorted(self.ids, channels)
+
+    def weights(self) -> list[str]:
+        return sorted({s.tensor for s in self.slices if s.is_weight})
+
+    def layers(self) -> list[str]:
+        """Owners of the weight slices, for reports."""
+        return sorted({s.tensor.rpartition(".")[0] for s in self.slices if s.is_weight})
+
+
+@dataclass
+class ChannelGraph:
+    """The result of the analysis: the groups, and the layers whose attributes follow their shapes.
+
+    The atom-level networkx graph is not kept: it is only needed to find
+    the components, and it would be copied with every prepared model.
+    """
+
+    groups: list[ChannelGroup]
+    layer_attrs: dict[str, str]  # module name -> 'conv' | 'linear' | 'bn'
+
+
+# --------------------------------------------------------------------- tracing
+class _ChannelTracer(fx.Tracer):
+    """Plain fx tracing with torch.nn layers as leaves; remembers the innermost module whose forward raised."""
+
+    def __init__(self, leaves: set[str]):
+        super().__init__()
+        self.leaves = leaves
+        self.culprit: str | None = None
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return qualname in self.leaves or super().is_leaf_module(m, qualname)
+
+    def call_module(self, m: nn.Module, forward: Any, args: tuple, kwargs: dict) -> Any:
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except Exception:
+            if self.culprit is None:
+                self.culprit = self.path_of_module(m)
+            raise
+
+
+def _trace_with_leaves(module: nn.Module) -> fx.Graph:
+    """Trace, turning each submodule whose forward cannot be traced into a leaf (it blocks its channels)."""
+    leaves: set[str] = set()
+    while True:
+        tracer = _ChannelTracer(leaves)
+        try:
+            return tracer.trace(module)
+        except Exception:
+            if not tracer.culprit or tracer.culprit in leaves or tracer.culprit in ("", "m"):
+                raise
+            leaves.add(tracer.culprit)
+
+
+class _FirstInput(nn.Module):
+    """Calls the wrapped module with its first input only, other arguments at their defaults."""
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.m = module
+
+    def forward(self, x: torch.Tensor) -> Any:
+        return self.m(x)
+
+
+def trace_for_channels(module: nn.Module, *, first_input_only: bool = False) -> fx.Graph:
+    """Trace ``module`` for the analysis alone (used for submodules of an untraceable root).
+
+    ``first_input_only`` traces ``module(x)`` with every other argument at
+    its default: forwards with ``**kwargs`` (Hugging Face layers) cannot be
+    traced otherwise. The plan then describes that code path; channels it
+    does not reach are not analysed, and the module's own output still
+    blocks its channels, so a different path could only reuse unpruned ones.
+    """
+    if not first_input_only:
+        return _trace_with_leaves(module)
+    graph = _trace_with_leaves(_FirstInput(module))
+    for node in graph.nodes:
+        if node.op in ("call_module", "get_attr"):
+            assert node.target.startswith("m."), node.target
+            node.target = node.target[2:]
+    return graph
+
+
+# -------------------------------------------------------------------- values
+@dataclass
+class _Chan:
+    """Channel layout of one activation: channel dim (negative), atoms, ndim if known, flattened?"""
+
+    dim: int
+    atoms: torch.Tensor
+    ndim: int | None = None
+    flat: bool = False  # channel-major flatten: each atom covers an unknown block of positions
+
+
+@dataclass
+class _ShapeOf:
+    chan: _Chan
+
+
+_UNARY_FUNCS: set[Any] = {
+    F.relu, torch.relu, F.relu6, F.gelu, F.silu, F.hardswish, F.hardsigmoid, torch.sigmoid, F.sigmoid,
+    torch.tanh, F.tanh, F.dropout, F.leaky_relu, F.elu, F.mish, F.softplus, operator.neg, torch.neg,
+    F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d,
+    F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, F.adaptive_max_pool2d,
+}
+_UNARY_METHODS = {"relu", "sigmoid", "tanh", "contiguous", "clone", "float", "half", "bfloat16", "to", "type_as"}
+_BINARY = {operator.add, operator.mul, operator.sub, operator.truediv, operator.iadd, operator.imul,
+           torch.add, torch.mul, torch.sub, torch.div}
+_BINARY_METHODS = {"add", "mul", "sub", "div", "add_", "mul_"}
+_ELEMENTWISE_MODULES: tuple[type, ...] = (
+    nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid, nn.Tanh, nn.LeakyReLU,
+    nn.ELU, nn.Mish, nn.Softplus, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
+    nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
+    nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d,
+    nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
+)
+_CONVS = {torch.conv1d: 1, torch.conv2d: 2, torch.conv3d: 3, F.conv1d: 1, F.conv2d: 2, F.conv3d: 3}
+_LINEARS = {torch._C._nn.linear, F.linear}
+_BN_DIMS = {nn.BatchNorm2d: -3, nn.BatchNorm3d: -4}
+
+
+def _elementwise_extra() -> set[Any]:
+    """Elementwise functions of optional packages, looked up lazily (torchvision stochastic depth)."""
+    out: set[Any] = set()
+    try:
+        from torchvision.ops.stochastic_depth import stochastic_depth  # noqa: PLC0415
+
+        out.add(stochastic_depth)
+    except ImportError:  # pragma: no cover - torchvision is optional
+        pass
+    return out
+
+
+def _elementwise_module_types() -> tuple[type, ...]:
+    extra: list[type] = []
+    try:
+        from torchvision.ops import StochasticDepth  # noqa: PLC0415
+
+        extra.append(StochasticDepth)
+    except ImportError:  # pragma: no cover
+        pass
+    return _ELEMENTWISE_MODULES + tuple(extra)
+
+
+class _Analysis:
+    """One walk over one graph; atoms, dependency edges, slices and blockers accumulate here."""
+
+    def __init__(self, root: nn.Module, tensor_of: Callable[[str], torch.Tensor | None]):
+        self.root = root
+        self.tensor_of = tensor_of  # dotted name -> tensor (None if not a tensor of the model)
+        self.n_atoms = 0
+        self.edges: list[torch.Tensor] = []  # (2, k) pairs of coupled atoms
+        self.members: list[torch.Tensor] = []  # atoms that share one activation (same group)
+        self.raw_slices: list[tuple[Slice, torch.Tensor]] = []  # slice with atoms in place of channels
+        self.blocked: list[tuple[torch.Tensor, str]] = []
+        self.partitions: list[tuple[torch.Tensor, int]] = []  # (atoms, g): equal removal per block
+        self.layer_attrs: dict[str, str] = {}
+        self.elementwise_funcs = _UNARY_FUNCS | _elementwise_extra()
+        self.elementwise_modules = _elementwise_module_types()
+
+    # -- atoms
+    def new_atoms(self, n: int) -> torch.Tensor:
+        a = torch.arange(self.n_atoms, self.n_atoms + n)
+        self.n_atoms += n
+        self.members.append(a)
+        return a
+
+    def couple(self, a: torch.Tensor, b: torch.Tensor) -> None:
+        self.edges.append(torch.stack([a, b]))
+
+    def block(self, atoms: torch.Tensor, reason: str) -> None:
+        self.blocked.append((atoms, reason))
+
+    def add_slice(self, name: str, dim: int, kind: str, atoms: torch.Tensor, positions: torch.Tensor | None = None,
+                  *, is_weight: bool = False, block: int = 1, groups: int = 1) -> None:
+        pos = torch.arange(len(atoms)) if positions is None else positions
+        s = Slice(name, dim, kind, atoms, pos, block=block, groups=groups, is_weight=is_weight)
+        self.raw_slices.append((s, atoms))
+
+    # -- walking
+    def run(self, graph: fx.Graph, prefix: str) -> None:
+        env: dict[fx.Node, Any] = {}
+        for node in graph.nodes:
+            try:
+                env[node] = self.visit(node, env, prefix)
+            except _Unsupported as e:
+                self.block_inputs(node, env, e.reason)
+                env[node] = None
+
+    def block_inputs(self, node: fx.Node, env: dict[fx.Node, Any], reason: str) -> None:
+        for inp in node.all_input_nodes:
+            v = env.get(inp)
+            if isinstance(v, _Chan):
+                self.block(v.atoms, reason)
+            elif isinstance(v, _ShapeOf):
+                self.block(v.chan.atoms, reason)
+
+    def visit(self, node: fx.Node, env: dict[fx.Node, Any], prefix: str) -> Any:
+        target = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
+        where = f"node {node.name!r} ({node.op} {target})"
+        if node.op == "placeholder":
+            return None
+        if node.op == "output":
+            self.block_inputs(node, env, "reaches the output of the traced graph (its size is part of the interface)")
+            return None
+        if node.op == "get_attr":
+            return _Param(prefix + node.target)
+        if node.op == "call_module":
+            m = self.root.get_submodule(prefix + node.target)
+            from fxprune.masked import MaskedParameter  # noqa: PLC0415 - avoid an import cycle
+
+            if isinstance(m, MaskedParameter):
+                return _Param(prefix + node.target)
+            return self.visit_module(node, m, prefix + node.target, env)
+        if node.op == "call_function":
+            return self.visit_function(node, node.target, env, where)
+        if node.op == "call_method":
+            return self.visit_method(node, env, where)
+        raise _Unsupported(f"node kind {node.op}")
+
+    # ---------------------------------------------------------------- modules
+    def visit_module(self, node: fx.Node, m: nn.Module, name: str, env: dict[fx.Node, Any]) -> Any:
+        args = [env.get(a) if isinstance(a, fx.Node) else a for a in node.args]
+        x = args[0] if args else None
+        if isinstance(m, self.elementwise_modules):
+            return x if isinstance(x, _Chan) else None
+        if isinstance(m, nn.Flatten):
+            return self.flatten(x, m.start_dim, m.end_dim)
+        if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and type(m).forward in (
+            nn.Conv1d.forward, nn.Conv2d.forward, nn.Conv3d.forward
+        ) and m.padding_mode == "zeros":
+            return self.conv(x, name + ".weight", name + ".bias" if m.bias is not None else None, m.groups,
+                             len(m.kernel_size), f"module {name}")
+        if isinstance(m, nn.Linear) and type(m).forward is nn.Linear.forward:
+            return self.linear(x, name + ".weight", name + ".bias" if m.bias is not None else None, f"module {name}")
+        if type(m) in _BN_DIMS or isinstance(m, nn.BatchNorm1d):
+            if not isinstance(x, _Chan):
+                return None
+            want = _BN_DIMS.get(type(m))
+            if want is None:  # BatchNorm1d: (N, C) or (N, C, L)
+                want = -1 if x.ndim == 2 else (-2 if x.ndim == 3 else None)
+            if want != x.dim or len(x.atoms) != m.num_features:
+                raise _Unsupported(f"{type(m).__name__} {name}: cannot tell that it normalizes the tracked channel dim")
+            for attr in ("weight", "bias", "running_mean", "running_var"):
+                if getattr(m, attr, None) is not None:
+                    self.add_slice(f"{name}.{attr}", 0, OUT, x.atoms)
+            self.layer_attrs[name] = "bn"
+            return x
+        if isinstance(m, nn.LayerNorm):
+            return self.layer_norm(x, tuple(m.normalized_shape), name + ".weight" if m.weight is not None else None,
+                                   name + ".bias" if m.bias is not None else None, f"LayerNorm {name}")
+        raise _Unsupported(f"leaf module {name} ({type(m).__name__}) is opaque to the channel analysis")
+
+    # -------------------------------------------------------------- functions
+    def visit_function(self, node: fx.Node, fn: Any, env: dict[fx.Node, Any], where: str) -> Any:
+        def val(a: Any) -> Any:
+            if isinstance(a, (list, tuple)):
+                return type(a)(val(b) for b in a)
+            return env.get(a) if isinstance(a, fx.Node) else a
+
+        args = [val(a) for a in node.args]
+        kwargs = {k: val(v) for k, v in node.kwargs.items()}
+        if fn in _CONVS:
+            names = [_arg(args, kwargs, i, k, d) for i, k, d in ((0, "input", None), (1, "weight", None),
+                                                                    (2, "bias", None), (6, "groups", 1))]
+            x, w, b, groups = names
+            return self.conv(x, _name(w, where), _name(b, where) if b is not None else None, int(groups),
+                             _CONVS[fn], where)
+        if fn in _LINEARS:
+            x, w, b = (_arg(args, kwargs, i, k, None) for i, k in ((0, "input"), (1, "weight"), (2, "bias")))
+            return self.linear(x, _name(w, where), _name(b, where) if b is not None else None, where)
+        if fn is F.layer_norm:
+            x, shape, w, b = (_arg(args, kwargs, i, k, None) for i, k in
+                              ((0, "input"), (1, "normalized_shape"), (2, "weight"), (3, "bias")))
+            return self.layer_norm(x, tuple(shape), _name(w, where) if w is not None else None,
+                                   _name(b, where) if b is not None else None, where)
+        if fn in self.elementwise_funcs:
+            return self.unary(args, where)
+        if fn in _BINARY:
+            return self.binary(args[0], args[1] if len(args) > 1 else kwargs.get("other"), where)
+        if fn in (torch.flatten,):
+            return self.flatten(args[0], _arg(args, kwargs, 1, "start_dim", 0), _arg(args, kwargs, 2, "end_dim", -1))
+        if fn in (torch.cat, torch.concat):
+            return self.cat(list(args[0]), _arg(args, kwargs, 1, "dim", 0), where)
+        if fn is torch.permute:
+            return self.permute(args[0], _arg(args, kwargs, 1, "dims", None), where)
+        if fn in (torch.mean, torch.sum, torch.amax):
+            return self.reduce(args[0], _arg(args, kwargs, 1, "dim", None), _arg(args, kwargs, 2, "keepdim", False), where)
+        if fn is getattr:
+            return self.getattr_(args[0], args[1], where)
+        if fn is operator.getitem and isinstance(args[0], _ShapeOf):
+            return self.shape_index(args[0], args[1], where)
+        if fn is torch._assert:
+            return None
+        if any(isinstance(a, (_Chan, _ShapeOf)) for a in list(args) + list(kwargs.values())) or \
+                any(isinstance(a, (list, tuple)) and any(isinstance(b, (_Chan, _ShapeOf)) for b in a) for a in args):
+            raise _Unsupported(f"consumed by {where}, an op the channel analysis does not follow")
+        return None
+
+    def visit_method(self, node: fx.Node, env: dict[fx.Node, Any], where: str) -> Any:
+        args = [env.get(a) if isinstance(a, fx.Node) else a for a in node.args]
+        kwargs = {k: env.get(v) if isinstance(v, fx.Node) else v for k, v in node.kwargs.items()}
+        name = node.target
+        x = args[0]
+        if name in _UNARY_METHODS:
+            if name in ("to", "type_as") and any(isinstance(a, _Chan) for a in args[1:]):
+                raise _Unsupported(f"consumed by {where}")
+            return x if isinstance(x, _Chan) else None
+        if name in _BINARY_METHODS:
+            return self.binary(x, args[1] if len(args) > 1 else kwargs.get("other"), where)
+        if name == "permute":
+            dims = args[1:] if len(args) > 2 or not isinstance(args[1], (list, tuple)) else args[1]
+            return self.permute(x, list(dims), where)
+        if name == "flatten":
+            return self.flatten(x, _arg(args, kwargs, 1, "start_dim", 0), _arg(args, kwargs, 2, "end_dim", -1))
+        if name in ("mean", "sum", "amax"):
+            return self.reduce(x, _arg(args, kwargs, 1, "dim", None), _arg(args, kwargs, 2, "keepdim", False), where)
+        if name == "dim":
+            return None  # the number of dims does not change when channels are removed
+        if name == "size":
+            d = _arg(args, kwargs, 1, "dim", None)
+            if not isinstance(x, _Chan):
+                return None
+            return _ShapeOf(x) if d is None else self.shape_index(_ShapeOf(x), d, where)
+        if any(isinstance(a, (_Chan, _ShapeOf)) for a in list(args) + list(kwargs.values())):
+            raise _Unsupported(f"consumed by {where}, an op the channel analysis does not follow")
+        return None
+
+    # -------------------------------------------------------------- handlers
+    def input_atoms(self, x: Any, dim: int, size: int, where: str, flat_ok: bool = False) -> tuple[torch.Tensor, _Chan | None]:
+        """The atoms a layer reads, or fresh blocked atoms if the input's layout is not tracked."""
+        if isinstance(x, _Chan) and x.dim == dim and len(x.atoms) == size and (flat_ok or not x.flat):
+            return x.atoms, x
+        if isinstance(x, _Chan) and x.flat and flat_ok and size % len(x.atoms) == 0:
+            return x.atoms, x
+        if isinstance(x, _Chan):
+            self.block(x.atoms, f"read by {where} in a layout the analysis cannot map")
+        atoms = self.new_atoms(size)
+        self.block(atoms, f"input channels of {where} come from outside the analysed graph or an op it does not follow")
+        return atoms, None
+
+    def weight(self, name: str, where: str) -> torch.Tensor:
+        t = self.tensor_of(name)
+        if t is None:
+            raise _Unsupported(f"{where}: weight {name!r} is not a tensor of the model")
+        return t
+
+    def conv(self, x: Any, wname: str, bname: str | None, groups: int, nd: int, where: str) -> _Chan:
+        w = self.weight(wname, where)
+        c_out, c_in = w.shape[0], w.shape[1] * groups
+        dim = -(nd + 1)
+        in_atoms, _ = self.input_atoms(x, dim, c_in, where)
+        owner = wname.rpartition(".")[0]
+        self.layer_attrs[owner] = "conv"
+        if groups == 1:
+            out = self.new_atoms(c_out)
+            self.add_slice(wname, 1, IN, in_atoms, is_weight=True)
+        elif groups == c_in and c_out == c_in:  # depthwise: channel c in -> channel c out
+            out = in_atoms
+        elif groups == c_in:
+            self.block(in_atoms, f"{where}: depthwise convolution with a channel multiplier is not supported")
+            out = self.new_atoms(c_out)
+            self.block(out, f"{where}: depthwise convolution with a channel multiplier is not supported")
+            return _Chan(dim, out, nd + 2)
+        else:
+            out = self.new_atoms(c_out)
+            self.add_slice(wname, 1, IN_GROUPED, in_atoms, is_weight=True, groups=groups)
+            self.partitions.append((in_atoms, groups))
+            self.partitions.append((out, groups))
+        self.add_slice(wname, 0, OUT, out, is_weight=True)
+        if bname is not None:
+            self.add_slice(bname, 0, OUT, out)
+        return _Chan(dim, out, nd + 2)
+
+    def linear(self, x: Any, wname: str, bname: str | None, where: str) -> _Chan:
+        w = self.weight(wname, where)
+        c_out, c_in = w.shape
+        in_atoms, chan = self.input_atoms(x, -1, c_in, where, flat_ok=True)
+        if chan is not None and chan.flat:
+            s = c_in // len(in_atoms)
+            self.add_slice(wname, 1, IN_BLOCK, in_atoms, is_weight=True, block=s)
+        else:
+            self.add_slice(wname, 1, IN, in_atoms, is_weight=True)
+        out = self.new_atoms(c_out)
+        self.add_slice(wname, 0, OUT, out, is_weight=True)
+        if bname is not None:
+            self.add_slice(bname, 0, OUT, out)
+        self.layer_attrs[wname.rpartition(".")[0]] = "linear"
+        return _Chan(-1, out, chan.ndim if chan is not None else None)
+
+    def layer_norm(self, x: Any, shape: tuple, wname: str | None, bname: str | None, where: str) -> Any:
+        if not isinstance(x, _Chan):
+            return None
+        if x.dim == -1 and len(shape) == 1 and shape[0] == len(x.atoms) and not x.flat:
+            for n in (wname, bname):
+                if n is not None:
+                    self.add_slice(n, 0, OUT, x.atoms)
+            self.block(x.atoms, f"{where} normalizes over these channels: removing channels changes its mean and "
+                                "variance, so the result could not equal the masked model")
+            return x
+        if x.dim < -len(shape):  # normalizes other dims only
+            return x
+        raise _Unsupported(f"{where} normalizes over the channel dim together with other dims")
+
+    def unary(self, args: list, where: str) -> Any:
+        x = args[0] if args else None
+        for a in args[1:]:
+            if isinstance(a, (_Chan, _ShapeOf)):
+                raise _Unsupported(f"consumed by {where} as a second operand")
+        return x if isinstance(x, _Chan) else None
+
+    def binary(self, a: Any, b: Any, where: str) -> Any:
+        if isinstance(a, _ShapeOf) or isinstance(b, _ShapeOf):
+            raise _Unsupported(f"channel count used in arithmetic at {where}")
+        if isinstance(a, _Chan) and isinstance(b, _Chan):
+            if a.dim != b.dim or len(a.atoms) != len(b.atoms) or a.flat or b.flat:
+                raise _Unsupported(f"{where}: operands with different channel layouts")
+            self.couple(a.atoms, b.atoms)
+            return _Chan(a.dim, a.atoms, a.ndim or b.ndim)
+        x, other = (a, b) if isinstance(a, _Chan) else (b, a)
+        if not isinstance(x, _Chan):
+            return None
+        if isinstance(other, (int, float, bool)) or other is None:
+            return x
+        if isinstance(other, _Param):
+            t = self.tensor_of(other.name)
+            if t is None:
+                raise _Unsupported(f"{where}: operand {other.name!r} is not a tensor of the model")
+            if t.dim() < -x.dim or t.shape[x.dim] == 1:
+                return x  # broadcast along the channel dim: the same for every channel
+            if t.shape[x.dim] == len(x.atoms) and not x.flat:
+                self.add_slice(other.name, t.dim() + x.dim, OUT, x.atoms)
+                return x
+        raise _Unsupported(f"{where}: combined with a tensor whose channel layout is not tracked")
+
+    def flatten(self, x: Any, start: int, end: int) -> Any:
+        if not isinstance(x, _Chan):
+            return None
+        if x.ndim is None or x.flat:
+            raise _Unsupported("flatten of an activation whose rank is unknown")
+        n = x.ndim
+        start, end, pos = start % n, end % n, x.dim % n
+        new_ndim = n - (end - start)
+        if pos < start:
+            return _Chan(pos - new_ndim, x.atoms, new_ndim)
+        if pos > end:
+            return _Chan(pos - (end - start) - new_ndim, x.atoms, new_ndim)
+        if pos == start:  # channel-major blocks: channel c -> positions [c*s, (c+1)*s)
+            if end == start:
+                return x
+            if end != n - 1:
+                raise _Unsupported("flatten that does not run to the last dim")
+            return _Chan(-1, x.atoms, new_ndim, flat=True)
+        raise _Unsupported("flatten that splits channels across blocks")
+
+    def cat(self, xs: list, dim: int, where: str) -> Any:
+        chans = [x for x in xs if isinstance(x, _Chan)]
+        if not chans:
+            return None
+        if len(chans) != len(xs):
+            raise _Unsupported(f"{where}: concatenates tensors whose channels are not tracked")
+        ndim = next((c.ndim for c in chans if c.ndim is not None), None)
+        d = dim if dim < 0 else (dim - ndim if ndim is not None else None)
+        if d is None or any(c.dim != chans[0].dim or c.flat for c in chans):
+            raise _Unsupported(f"{where}: cannot relate the concatenation dim to the channel dim")
+        if d == chans[0].dim:  # concatenation of channels: the output's atoms are the inputs' atoms
+            out = torch.cat([c.atoms for c in chans])
+            self.members.append(out)
+            return _Chan(d, out, ndim)
+        for c in chans[1:]:
+            if len(c.atoms) != len(chans[0].atoms):
+                raise _Unsupported(f"{where}: operands with different channel counts")
+            self.couple(chans[0].atoms, c.atoms)
+        return _Chan(chans[0].dim, chans[0].atoms, ndim)
+
+    def permute(self, x: Any, dims: list | None, where: str) -> Any:
+        if not isinstance(x, _Chan):
+            return None
+        if not dims or any(not isinstance(d, int) for d in dims):
+            raise _Unsupported(f"{where}: permutation not known at trace time")
+        n = len(dims)
+        pos = x.dim % n
+        new = [d % n for d in dims].index(pos)
+        return _Chan(new - n, x.atoms, n)
+
+    def reduce(self, x: Any, dims: Any, keepdim: bool, where: str) -> Any:
+        if not isinstance(x, _Chan):
+            return None
+        if dims is None:
+            raise _Unsupported(f"{where}: reduces over all dims including channels")
+        dims = [dims] if isinstance(dims, int) else list(dims)
+        neg = []
+        for d in dims:
+            if d < 0:
+                neg.append(d)
+            elif x.ndim is not None:
+                neg.append(d - x.ndim)
+            else:
+                raise _Unsupported(f"{where}: reduction dims cannot be related to the channel dim")
+        if x.dim in neg or x.flat:
+            raise _Unsupported(f"{where}: reduces over the channel dim")
+        if keepdim:
+            return x
+        after = sum(1 for d in neg if d > x.dim)
+        return _Chan(x.dim + after, x.atoms, None if x.ndim is None else x.ndim - len(neg))
+
+    def getattr_(self, x: Any, attr: str, where: str) -> Any:
+        if isinstance(x, _Chan) and attr == "shape":
+            return _ShapeOf(x)
+        if isinstance(x, _Chan) and attr in ("dtype", "device", "ndim", "is_cuda"):
+            return None
+        if isinstance(x, _Chan):
+            raise _Unsupported(f"{where}: attribute {attr!r} of a tracked activation")
+        return None
+
+    def shape_index(self, s: _ShapeOf, i: Any, where: str) -> Any:
+        x = s.chan
+        if isinstance(i, int) and (i < 0 or x.ndim is not None):
+            d = i if i < 0 else i - x.ndim
+            if d != x.dim:
+                return None
+        self.block(x.atoms, f"{where}: reads the number of channels, which pruning changes")
+        return None
+
+
+class _Unsupported(Exception):
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass
+class _Param:
+    name: str
+
+
+def _arg(args: list, kwargs: dict, i: int, key: str, default: Any) -> Any:
+    if len(args) > i:
+        return args[i]
+    return kwargs.get(key, default)
+
+
+def _name(v: Any, where: str) -> str:
+    if isinstance(v, _Param):
+        return v.name
+    raise _Unsupported(f"{where}: its weight is computed, not a parameter of the model")
+
+
+# ---------------------------------------------------------------- grouping
+def build_channel_graph(
+    root: nn.Module,
+    graphs: Iterable[tuple[fx.Graph, str]],
+    tensor_of: Callable[[str], torch.Tensor | None],
+) -> ChannelGraph:
+    """Analyse ``graphs`` (each with the module-name prefix its targets are relative to) into groups.
+
+    ``tensor_of`` resolves a dotted parameter or buffer name to its tensor
+    (pruned weights live inside masked-parameter modules, so the caller knows
+    how to look them up).
+    """
+    an = _Analysis(root, tensor_of)
+    for graph, prefix in graphs:
+        an.run(graph, prefix)
+
+    # Channels: atoms joined by dependencies.
+    g = nx.Graph()
+    g.add_nodes_from(range(an.n_atoms))
+    for e in an.edges:
+        g.add_edges_from(e.t().tolist())
+    channel_of = torch.empty(an.n_atoms, dtype=torch.long)
+    for cid, comp in enumerate(nx.connected_components(g)):
+        channel_of[list(comp)] = cid
+    n_channels = int(channel_of.max()) + 1 if an.n_atoms else 0
+
+    # Groups: channels sharing an activation or a tensor slice.
+    gg = nx.Graph()
+    gg.add_nodes_from(range(n_channels))
+    for atoms in an.members + [a for _, a in an.raw_slices]:
+        ch = channel_of[atoms].unique().tolist()
+        gg.add_edges_from(zip(ch[:-1], ch[1:]))
+    groups: list[ChannelGroup] = []
+    group_of = torch.empty(n_channels, dtype=torch.long)
+    for gid, comp in enumerate(sorted(nx.connected_components(gg), key=min)):
+        chans = sorted(comp)
+        group_of[chans] = gid
+        groups.append(ChannelGroup(gid, chans))
+    for s, atoms in an.raw_slices:
+        ch = channel_of[atoms]
+        s.channels = ch
+        groups[int(group_of[ch[0]])].slices.append(s)
+    for atoms, reason in an.blocked:
+        if len(atoms):
+            grp = groups[int(group_of[channel_of[atoms[0]]])]
+            if reason not in grp.blockers:
+                grp.blockers.append(reason)
+    _add_cells(groups, an.partitions, channel_of, group_of)
+    return ChannelGraph(groups=groups, layer_attrs=an.layer_attrs)
+
+
+def _add_cells(groups: list[ChannelGroup], partitions: list[tuple[torch.Tensor, int]], channel_of: torch.Tensor,
+               group_of: torch.Tensor) -> None:
+    """Grouped convs need the same number of channels removed from each conv group: find equal cells."""
+    by_group: dict[int, list[list[int]]] = {}
+    for atoms, g in partitions:
+        ch = channel_of[atoms]
+        gid = int(group_of[ch[0]])
+        per = len(ch) // g
+        by_group.setdefault(gid, []).append([int(c) for c in ch])
+        by_group[gid].append([i // per for i in range(len(ch))])
+    for gid, parts in by_group.items():
+        grp = groups[gid]
+        key: dict[int, tuple] = {c: () for c in grp.channels}
+        for chans, labels in zip(parts[::2], parts[1::2]):
+            if len(set(chans)) != len(chans):
+                grp.blockers.append("a grouped convolution reads the same channel twice")
+                break
+            for c, lab in zip(chans, labels):
+                key[c] = key[c] + (lab,)
+        cells: dict[tuple, list[int]] = {}
+        for c in grp.channels:
+            cells.setdefault(key[c], []).append(c)
+        sizes = {len(v) for v in cells.values()}
+        if len(sizes) != 1:
+            grp.blockers.append("grouped convolutions split these channels into blocks of unequal size")
+            continue
+        # Each conv group must be a union of the same number of cells for equal removal to be equal per group.
+        local = {c: i for i, c in enumerate(grp.channels)}
+        grp.cells = [sorted(local[c] for c in v) for v in cells.values()]

@@ -1,0 +1,214 @@
+"""Channel pruning (pattern: channel) and physical shrinking: oracle = the masked model itself."""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import fxprune
+from fxprune.structured import channel_plan_of, channel_report
+
+
+def channel_config(goal: float = 0.5, **extra) -> dict:
+    body = {"pattern": "channel", "target_sparsity": goal, "schedule": "oneshot", **extra}
+    return {"magnitude": {"p": body}, "start_epoch": 0, "end_epoch": 0}
+
+
+def prune_and_shrink(model: nn.Module, goal: float = 0.5):
+    model.eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        prepared = fxprune.prepare(model, channel_config(goal))
+    prepared.pruner.on_epoch_begin(0)
+    shrunk = fxprune.convert(prepared, physical=True)
+    return prepared.eval(), shrunk.eval()
+
+
+def n_params(m: nn.Module) -> int:
+    return sum(p.numel() for p in m.parameters())
+
+
+def randomize_bn(model: nn.Module) -> None:
+    """Non-trivial BN statistics, so that a BN-shifted pruned channel is not zero (the hard case)."""
+    g = torch.Generator().manual_seed(0)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=g))
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.bias.data.copy_(torch.randn(m.num_features, generator=g))
+
+
+class Mixed(nn.Module):
+    """Residual add + concatenation + grouped conv + depthwise conv + flatten -> linear."""
+
+    def __init__(self, c: int, g: int, hw: int):
+        super().__init__()
+        self.stem = nn.Conv2d(3, c, 3, padding=1)
+        self.bn = nn.BatchNorm2d(c)
+        self.a = nn.Conv2d(c, c, 3, padding=1, bias=False)
+        self.abn = nn.BatchNorm2d(c)
+        self.b = nn.Conv2d(c, c, 1)
+        self.dw = nn.Conv2d(2 * c, 2 * c, 3, padding=1, groups=2 * c)
+        self.grouped = nn.Conv2d(2 * c, 2 * c, 3, padding=1, groups=g)
+        self.gbn = nn.BatchNorm2d(2 * c)
+        self.head = nn.Linear(2 * c * hw * hw, 5)
+
+    def forward(self, x):
+        x = torch.relu(self.bn(self.stem(x)))
+        r = torch.relu(self.abn(self.a(x))) + x  # residual: a's rows coupled with stem's
+        y = torch.cat([r, self.b(x)], dim=1)  # concatenation: 2c channels
+        y = torch.relu(self.gbn(self.grouped(self.dw(y))))
+        return self.head(torch.flatten(y, 1))
+
+
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    c=st.sampled_from([4, 6, 8]),
+    g=st.sampled_from([1, 2]),
+    goal=st.sampled_from([0.25, 0.5, 0.75]),
+    seed=st.integers(0, 1000),
+)
+def test_mixed_cnn_shrunk_equals_masked(c, g, goal, seed):
+    torch.manual_seed(seed)
+    model = Mixed(c, g, hw=4)
+    randomize_bn(model)
+    prepared, shrunk = prune_and_shrink(model, goal)
+    x = torch.randn(3, 3, 4, 4)
+    with torch.no_grad():
+        want, got = prepared(x), shrunk(x)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert n_params(shrunk) < n_params(model)
+
+    # Coupled channels go together: the residual's two producers lose the same rows,
+    # and every layer's shape agrees with the channels kept.
+    stem_rows = prepared.stem.weight.mask.flatten(1).any(1)
+    a_rows = prepared.a.weight.mask.flatten(1).any(1)
+    assert torch.equal(stem_rows, a_rows)
+    kept_stream = int(stem_rows.sum())
+    assert shrunk.stem.out_channels == shrunk.a.out_channels == shrunk.bn.num_features == kept_stream
+    assert shrunk.dw.groups == shrunk.dw.out_channels == shrunk.dw.in_channels
+    assert shrunk.grouped.groups == g and shrunk.grouped.out_channels % g == 0
+    assert shrunk.head.in_features == shrunk.grouped.out_channels * 16
+
+
+class MLP(nn.Module):
+    def __init__(self, d: int, h: int):
+        super().__init__()
+        self.fc1 = nn.Linear(d, h)
+        self.fc2 = nn.Linear(h, h)
+        self.fc3 = nn.Linear(h, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.fc1(x))
+        h = torch.relu(self.fc2(h)) + h  # residual couples fc1 and fc2 outputs
+        return self.fc3(h)
+
+
+@settings(max_examples=10, deadline=None)
+@given(d=st.integers(2, 6), h=st.integers(2, 12), goal=st.floats(0.05, 0.95), seed=st.integers(0, 1000))
+def test_mlp_parameter_count_is_exact(d, h, goal, seed):
+    torch.manual_seed(seed)
+    model = MLP(d, h)
+    prepared, shrunk = prune_and_shrink(model, goal)
+    removed = min(int(goal * h + 0.5), h - 1)
+    k = h - removed
+    assert n_params(shrunk) == (d * k + k) + (k * k + k) + (k * 3 + 3)
+    x = torch.randn(4, d)
+    with torch.no_grad():
+        torch.testing.assert_close(shrunk(x), prepared(x), atol=1e-5, rtol=1e-5)
+
+
+def test_importance_removes_the_weakest_channels():
+    model = MLP(3, 4)
+    with torch.no_grad():
+        model.fc1.weight.fill_(1.0)
+        model.fc2.weight.fill_(1.0)
+        model.fc1.weight[1] = 0.01  # channel 1 and 3: small in fc1 rows, fc2 rows and columns, fc3 columns
+        model.fc1.weight[3] = 0.02
+        model.fc2.weight[[1, 3]] = 0.01
+        model.fc2.weight[:, [1, 3]] = 0.01
+        model.fc3.weight[:, [1, 3]] = 0.01
+    prepared, _ = prune_and_shrink(model, 0.5)
+    assert prepared.fc1.weight.mask.any(1).tolist() == [True, False, True, False]
+    assert prepared.fc3.weight.mask.any(0).tolist() == [True, False, True, False]
+
+
+class Reshaping(nn.Module):
+    """conv -> view: channels read through an op the analysis does not follow."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 1)
+        self.conv2 = nn.Conv2d(3, 8, 1)
+        self.fc = nn.Linear(8, 2)
+
+    def forward(self, x):
+        y = self.conv(x).view(x.shape[0], -1)
+        z = self.fc(self.conv2(x).mean((2, 3)))
+        return y.sum(1, keepdim=True) + z
+
+
+def test_unshrinkable_layers_are_reported_not_pruned():
+    model = Reshaping()
+    prepared, shrunk = prune_and_shrink(model)
+    report = channel_report(prepared)["p"]
+    text = str(report)
+    excluded = {tuple(layers): reasons for _, _, layers, reasons in report.excluded}
+    assert any("view" in r for r in excluded[("conv",)])
+    assert any("output" in r for r in excluded[("fc",)])
+    assert prepared.conv.weight.mask.all()  # excluded: untouched
+    assert shrunk.conv.out_channels == 8 and shrunk.conv2.out_channels == 4
+    assert "excluded" in text and "conv" in text
+    x = torch.randn(2, 3, 5, 5)
+    with torch.no_grad():
+        torch.testing.assert_close(shrunk(x), prepared(x), atol=1e-5, rtol=1e-5)
+
+
+def test_layer_norm_over_channels_is_excluded_with_reason():
+    model = nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8), nn.Linear(8, 6), nn.GELU(), nn.Linear(6, 2))
+    prepared, shrunk = prune_and_shrink(model)
+    report = channel_report(prepared)["p"]
+    assert any("LayerNorm" in r for *_, reasons in report.excluded for r in reasons)
+    assert shrunk[0].out_features == 8 and shrunk[2].out_features == 3  # only the GELU hidden units go
+
+
+def test_physical_needs_a_channel_pruner():
+    prepared = fxprune.prepare(MLP(2, 4), {"magnitude": {"p": {}}})
+    with pytest.raises(fxprune.PruningError, match="pattern: channel"):
+        fxprune.convert(prepared, physical=True)
+
+
+def test_masks_are_monotone_and_plan_survives_deepcopy():
+    import copy
+
+    model = MLP(3, 10)
+    cfg = {"magnitude": {"p": {"pattern": "channel", "target_sparsity": 0.6, "init_sparsity": 0.2}},
+           "start_epoch": 0, "end_epoch": 2, "frequency": 1}
+    prepared = fxprune.prepare(model, cfg)
+    prepared.pruner.on_epoch_begin(0)
+    before = prepared.fc1.weight.mask.clone()
+    clone = copy.deepcopy(prepared)
+    assert channel_plan_of(clone) is not channel_plan_of(prepared)
+    clone.pruner.on_epoch_begin(2)
+    after = clone.fc1.weight.mask
+    assert not (after & ~before).any()  # nothing pruned comes back
+    assert int(after.any(1).sum()) == 4  # 60% of 10 channels removed
+    assert prepared.fc1.weight.mask.equal(before)  # the original is untouched
+
+
+def test_resnet18_end_to_end():
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=10)
+    randomize_bn(model)
+    prepared, shrunk = prune_and_shrink(model, 0.5)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(shrunk(x), prepared(x), atol=1e-5, rtol=1e-4)
+    assert 0.2 < n_params(shrunk) / n_params(model) < 0.3
+    assert shrunk.layer1[0].conv1.out_channels == 32 and shrunk.fc.in_features == 256
+    assert isinstance(shrunk, torchvision.models.ResNet)
