@@ -11,7 +11,7 @@ import copy
 
 from torch import nn
 
-from fxprune.graph_module import PreparedGraphModule
+from fxprune.graph_module import PreparedGraphModule, remove_captured_forwards
 from fxprune.masked import MaskedParameter
 from fxprune.pruner import Pruner
 from fxprune.rewrite import LeafMasks, remove_leaf_hooks, restore_parameters
@@ -32,6 +32,7 @@ def convert(prepared: PreparedGraphModule, *, inplace: bool = False) -> nn.Modul
     root = model._fxprune_original.module
     restore_parameters(model.pruner.targets)
     remove_leaf_hooks(root)
+    remove_captured_forwards(root)  # children captured on their own get their class's forward back
     # Root-level tensors may have been replaced on the prepared model (e.g. by .to()).
     for name in root._buffers:
         root._buffers[name] = model._buffers.get(name, root._buffers[name])

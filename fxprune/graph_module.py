@@ -9,6 +9,7 @@ construction path: first build, deepcopy, and unpickling.
 """
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch.fx as fx
@@ -16,7 +17,8 @@ from torch import nn
 from torch.fx import graph_module as _gm
 from torch.package import sys_importer
 
-__all__ = ["PreparedGraphModule", "OriginalRoot", "call_original", "call_original_graph"]
+__all__ = ["PreparedGraphModule", "OriginalRoot", "call_original", "call_original_graph", "CapturedForward",
+           "install_captured_forward", "remove_captured_forwards"]
 
 
 class OriginalRoot:
@@ -104,3 +106,86 @@ def _drop(gm: nn.Module, name: str) -> None:
     gm._parameters.pop(name, None)
     gm._buffers.pop(name, None)
     gm.__dict__.pop(name, None)
+
+
+class CapturedForward:
+    """The instance-level ``forward`` of a submodule captured on its own (per-submodule fallback).
+
+    The parent's forward stays Python and calls ``self.child(...)``; Python
+    finds this object in the child's instance ``__dict__`` before the class's
+    ``forward``, so the child runs its graph while keeping its class, its
+    methods and its hooks. The generated code is run with the child itself as
+    ``self``, so it always reads the child's current submodules and tensors
+    (after ``.to()``, ``load_state_dict``, deepcopy). The graph is specialized
+    to the call seen in the example run (see :class:`fxprune.trace.CallSpec`);
+    a call that does not fit runs the class's own ``forward`` instead, with the
+    child's weights masked at module level by ``fallback`` (a
+    :class:`fxprune.rewrite.LeafMasks`), and warns once.
+
+    Only the source code is pickled and deep-copied; the function is compiled
+    again on load. :func:`remove_captured_forwards` undoes the installation.
+    """
+
+    def __init__(
+        self, module: nn.Module, graph: fx.Graph, spec: Any, fallback: Any, constants: list[str], output_type: type | None
+    ):
+        self.module = module
+        self.output_type = output_type  # fx returns a ModelOutput as a plain dict; give the caller its type back
+        self.spec = spec
+        self.fallback = fallback
+        self.constants = constants  # non-persistent buffers holding the graph's tensor constants
+        python_code = graph.python_code(root_module="self")
+        self.code = _gm._format_import_block(python_code.globals, sys_importer) + python_code.src
+        self.missed = 0  # calls that did not fit the spec
+        self._compile()
+
+    def _compile(self) -> None:
+        self._fn = _gm._forward_from_src(self.code, {})
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        tensors = self.spec.match(self.module, args, kwargs)
+        if tensors is not None:
+            out = self._fn(self.module, *tensors)
+            return out if self.output_type is None else self.output_type(**out)
+        if not self.missed:
+            warnings.warn(
+                f"fxprune: {type(self.module).__name__} was captured for calls like the example run's; this call "
+                "differs (other argument types or constants), so it runs its Python forward, masked at module level",
+                stacklevel=2,
+            )
+        self.missed += 1
+        self.fallback.enter(self.module, args)
+        try:
+            return type(self.module).forward(self.module, *args, **kwargs)
+        finally:
+            self.fallback.exit(self.module, args, None)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        del state["_fn"]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._compile()
+
+    def __repr__(self) -> str:
+        return f"CapturedForward({type(self.module).__name__}, {len(self.spec.tensor_names())} tensor input(s))"
+
+
+def install_captured_forward(module: nn.Module, forward: CapturedForward, constants: dict[str, Any]) -> None:
+    """Make ``forward`` the module's forward; its tensor constants become non-persistent buffers."""
+    for name, value in constants.items():
+        module.register_buffer(name, value, persistent=False)
+    module.__dict__["forward"] = forward
+
+
+def remove_captured_forwards(model: nn.Module) -> None:
+    """Give every module of ``model`` its class's ``forward`` back and drop the graphs' constants."""
+    for m in model.modules():
+        captured = m.__dict__.get("forward")
+        if isinstance(captured, CapturedForward):
+            del m.__dict__["forward"]
+            for name in captured.constants:
+                m._buffers.pop(name, None)
+                m._non_persistent_buffers_set.discard(name)

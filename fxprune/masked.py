@@ -86,6 +86,20 @@ class MaskedParameter(nn.Module):
         self._clean_version = -1
         self.apply_mask()
 
+    # Tensor metadata, for Python forwards that read ``self.layer.weight.dtype`` (e.g. HF ViTModel) while
+    # the layer runs a graph of its own: the masked module stands where the parameter was.
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.param.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.param.device
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.param.shape
+
     def folded(self) -> torch.Tensor:
         """The effective weight as a plain tensor, for :func:`fxprune.convert`."""
         return (self.param.detach() * self.mask).to(self.param.dtype)

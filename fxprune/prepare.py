@@ -13,6 +13,7 @@ import os
 import warnings
 from typing import Any, Iterable, Mapping
 
+import torch
 from torch import nn
 from torch.optim import Optimizer
 
@@ -23,7 +24,7 @@ from fxprune.plan import make_plan
 from fxprune.pruner import Pruner, prepared_parameter_map
 from fxprune.report import PrepareReport
 from fxprune.rewrite import install_masks
-from fxprune.trace import trace_model
+from fxprune.trace import CaptureResult, capture_model, output_tensors, record_calls
 
 __all__ = ["prepare", "TraceFallbackWarning"]
 
@@ -42,6 +43,7 @@ def prepare(
     leaf_modules: Iterable[str | type] | None = None,
     optimizer: Optimizer | None = None,
     steps_per_epoch: int | None = None,
+    example_inputs: Any = None,
 ) -> PreparedGraphModule:
     """Return a pruning-ready copy of ``model``: masked parameters plus ``prepared.pruner``.
 
@@ -49,6 +51,15 @@ def prepare(
     used in control flow); ``leaf_modules`` (module names or classes) are kept
     as leaves and masked at module level. Submodules that cannot be traced
     become leaves automatically; see ``prepared.pruner.prepare_report``.
+
+    ``example_inputs`` (a tuple of positional arguments, a dict of keyword
+    arguments, ``(args, kwargs)`` as a tuple of a tuple and a dict, or a single
+    argument) enables the per-submodule fallback: where a module's own forward
+    is untraceable (most Hugging Face models' root), its children are traced
+    one by one, specialized to how the example run calls them, instead of
+    masking everything below it at module level. The prepared model is then
+    checked against the original on the example (in eval mode); if they
+    differ, that capture is dropped and the report says why.
 
     ``optimizer`` (built on ``model``'s parameters) turns on optimizer mode:
     it is re-pointed to the prepared copy's parameters (state included) and
@@ -67,32 +78,96 @@ def prepare(
         if hasattr(model, name):
             raise TraceError(f"the model already has an attribute {name!r}, which fxprune needs on the prepared model")
 
-    work = copy.deepcopy(model)
     owners = {alias.rpartition(".")[0] for t in plan.targets for alias in t.aliases}
-    attrs_before = set(work.__dict__)
-    traced = trace_model(work, owners, concrete_args=concrete_args, leaf_modules=leaf_modules)
+    example = None if example_inputs is None else _split_example(example_inputs)
+    gm, work, targets, captured = _build(model, plan, owners, concrete_args, leaf_modules, example)
+    dropped = None
+    if example is not None and len(captured.captures) > 1:
+        dropped = _verify(gm, model, example)
+        if dropped is not None:  # the per-submodule capture is wrong for this model: fall back to module level
+            gm, work, targets, captured = _build(model, plan, owners, concrete_args, leaf_modules, None)
     class_name = type(model).__name__
-    if traced.graph is not None:
-        gm = PreparedGraphModule(work, traced.graph, class_name=class_name)
+    root = captured.root
+    modules = captured.routes() if len(captured.captures) > 1 or captured.uncaptured else {}
+    if dropped is not None:
+        modules = {"<root>": f"python ({root.reason}); per-submodule capture dropped: {dropped}"}
+    report = PrepareReport(
+        traced=root.graph is not None,
+        fallback_leaves=dict(root.leaves),
+        root_error=root.reason,
+        routes={t.name: t.route for t in targets},
+        pruners={p: plan.names_of(p) for p in plan.pruners},
+        modules=modules,
+    )
+    gm.pruner = Pruner(cfg, plan, targets, report)
+    if optimizer is not None:
+        gm.pruner.attach(optimizer, steps_per_epoch=steps_per_epoch, replace=prepared_parameter_map(model, gm))
+    gm.train(model.training)
+    if root.leaves or root.graph is None:
+        warnings.warn(f"fxprune: partial trace of {class_name}\n{report}", TraceFallbackWarning, stacklevel=2)
+    return gm
+
+
+def _build(
+    model: nn.Module,
+    plan: Any,
+    owners: set[str],
+    concrete_args: dict[str, Any] | None,
+    leaf_modules: Iterable[str | type] | None,
+    example: tuple[tuple, dict] | None,
+) -> tuple[PreparedGraphModule, nn.Module, list, CaptureResult]:
+    """Copy, capture and rewrite: the prepared model (without its Pruner), its root copy, targets, captures."""
+    work = copy.deepcopy(model)
+    calls = None if example is None else record_calls(work, *example)
+    attrs_before = set(work.__dict__)
+    captured = capture_model(work, owners, concrete_args=concrete_args, leaf_modules=leaf_modules, calls=calls)
+    class_name = type(model).__name__
+    if captured.root.graph is not None:
+        gm = PreparedGraphModule(work, captured.root.graph, class_name=class_name)
         for name in set(work.__dict__) - attrs_before:  # tensor constants the tracer put on the root
             del work.__dict__[name]
     else:
         gm = PreparedGraphModule({"_fxprune_original": OriginalRoot(work)}, call_original_graph(), class_name=class_name)
         adopt_hierarchy(gm, work)
     gm.__dict__["_fxprune_original"] = OriginalRoot(work)
-    targets = install_masks(gm, work, plan, graph=traced.graph is not None)
+    targets = install_masks(gm, work, plan, captured)
+    return gm, work, targets, captured
 
-    report = PrepareReport(
-        traced=traced.graph is not None,
-        fallback_leaves=dict(traced.fallback_leaves),
-        root_error=traced.root_error,
-        routes={t.name: t.route for t in targets},
-        pruners={p: plan.names_of(p) for p in plan.pruners},
-    )
-    gm.pruner = Pruner(cfg, plan, targets, report)
-    if optimizer is not None:
-        gm.pruner.attach(optimizer, steps_per_epoch=steps_per_epoch, replace=prepared_parameter_map(model, gm))
-    gm.train(model.training)
-    if traced.fallback_leaves or traced.graph is None:
-        warnings.warn(f"fxprune: partial trace of {class_name}\n{report}", TraceFallbackWarning, stacklevel=2)
-    return gm
+
+def _split_example(example: Any) -> tuple[tuple, dict]:
+    if isinstance(example, dict):
+        return (), dict(example)
+    if isinstance(example, tuple):
+        if len(example) == 2 and isinstance(example[0], tuple) and isinstance(example[1], dict):
+            return example[0], dict(example[1])
+        return example, {}
+    return (example,), {}
+
+
+@torch.no_grad()
+def _verify(gm: PreparedGraphModule, original: nn.Module, example: tuple[tuple, dict]) -> str | None:
+    """Compare the prepared model (all masks still ones) with a copy of the original, in eval mode.
+
+    Returns why they differ, or ``None``. A Python forward that reads a
+    captured child's weight directly, or a call the capture mis-specialized,
+    shows up here instead of in the user's training run.
+    """
+    reference = copy.deepcopy(original)  # never run the user's own object: its mode and buffers stay as they are
+    was = gm.training
+    gm.eval()
+    reference.eval()
+    try:
+        with torch.random.fork_rng(devices=[]):
+            got = output_tensors(gm(*example[0], **example[1]))
+        with torch.random.fork_rng(devices=[]):
+            want = output_tensors(reference(*example[0], **example[1]))
+    except Exception as e:  # noqa: BLE001 - any failure means the capture is unusable
+        return f"{type(e).__name__}: {e}".splitlines()[0][:200]
+    finally:
+        gm.train(was)
+    if len(got) != len(want):
+        return f"{len(got)} output tensors instead of {len(want)}"
+    for i, (a, b) in enumerate(zip(got, want)):
+        if a.shape != b.shape or not torch.allclose(a.float(), b.float(), rtol=1e-4, atol=1e-5):
+            return f"output {i} differs from the original model's"
+    return None

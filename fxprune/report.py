@@ -145,6 +145,8 @@ class PrepareReport:
     root_error: str | None = None
     routes: dict[str, str] = field(default_factory=dict)
     pruners: dict[str, list[str]] = field(default_factory=dict)
+    # per-submodule fallback: module name -> 'graph', 'python (<reason>)', 'leaf (<reason>)' or 'module (<reason>)'
+    modules: dict[str, str] = field(default_factory=dict)
 
     def __str__(self) -> str:
         lines = []
@@ -153,9 +155,12 @@ class PrepareReport:
                          f"traced: with {len(self.fallback_leaves)} submodule(s) kept as leaves")
         else:
             lines.append(f"traced: no, the model's own forward is not traceable ({self.root_error}); "
-                         "every weight is masked at module level")
+                         + ("its submodules were captured on their own" if self.modules else
+                            "every weight is masked at module level"))
         for name, reason in self.fallback_leaves.items():
             lines.append(f"  leaf {name or '<root>'}: {reason}")
+        for name, route in self.modules.items():
+            lines.append(f"  module {name}: {route}")
         for pruner, names in self.pruners.items():
             lines.append(f"pruner {pruner}: {len(names)} weight(s)")
             for n in names:

@@ -28,8 +28,10 @@ from dataclasses import dataclass, field
 import torch.fx as fx
 from torch import nn
 
+from fxprune.graph_module import CapturedForward, install_captured_forward
 from fxprune.masked import MaskedParameter
 from fxprune.plan import PruningPlan
+from fxprune.trace import Capture, CaptureResult
 
 __all__ = ["InstalledTarget", "install_masks", "LeafMasks", "restore_parameters", "remove_leaf_hooks"]
 
@@ -60,12 +62,19 @@ class LeafMasks:
         self.entries = entries
 
     def enter(self, module: nn.Module, args: tuple) -> None:
+        # Nested calls (a Python forward around a leaf that masks the same weights) set each weight
+        # once: only the outermost enter sets it, and only its exit removes it.
+        placed = []
         for owner, attr, masked in self.entries:
-            owner.__dict__[attr] = masked()
+            if attr not in owner.__dict__:
+                owner.__dict__[attr] = masked()
+                placed.append((owner, attr))
+        self.__dict__.setdefault("_placed", []).append(placed)
         self._sync_rnns()
 
     def exit(self, module: nn.Module, args: tuple, output: object) -> None:
-        for owner, attr, _ in self.entries:
+        stack = self.__dict__.get("_placed")
+        for owner, attr in stack.pop() if stack else []:
             owner.__dict__.pop(attr, None)
         self._sync_rnns()
 
@@ -83,13 +92,26 @@ def _tensor_of(owner: nn.Module, attr: str):
     return value.param if isinstance(value, MaskedParameter) else value
 
 
-def install_masks(gm: fx.GraphModule, root: nn.Module, plan: PruningPlan, graph: bool) -> list[InstalledTarget]:
+def install_masks(gm: fx.GraphModule, root: nn.Module, plan: PruningPlan, capture: CaptureResult) -> list[InstalledTarget]:
     """Move every planned parameter into a MaskedParameter and rewire its readers.
 
     ``gm`` and ``root`` share all submodules; root-level parameters are
-    attached to both. ``graph`` is False when the graph is a single call of
-    ``root`` (untraceable forward): then ``root`` is the one leaf.
+    attached to both. ``capture`` says which modules run a graph: the root's
+    graph is ``gm``'s own (when the root forward is untraceable ``gm`` is a
+    single call of ``root``); each captured child runs its graph as its
+    instance-level forward (:class:`~fxprune.graph_module.CapturedForward`).
+
+    Which weights get module-level hooks, and where: a graph's leaves mask
+    every weight below them; a module whose forward stays Python (the root or
+    a fallback leaf) masks the weights below it except those inside captured
+    children, which mask their own. Weights a graph reads are never shown as
+    plain tensors to a Python forward that is running around that graph.
     """
+    graphs: list[tuple[nn.Module, fx.Graph, Capture]] = []
+    if capture.root.graph is not None:
+        graphs.append((gm, gm.graph, capture.root))
+    graphs += [(c.module, c.graph, c) for c in capture.subgraphs()]
+
     # 1. Which get_attr nodes read which target (resolved before anything moves).
     params = [root.get_parameter(t.name) for t in plan.targets]
     targets = [
@@ -97,12 +119,15 @@ def install_masks(gm: fx.GraphModule, root: nn.Module, plan: PruningPlan, graph:
         for t, p in zip(plan.targets, params)
     ]
     by_param = {id(p): it for p, it in zip(params, targets)}
-    readers: list[tuple[fx.Node, InstalledTarget]] = []
-    for node in gm.graph.nodes:
-        if node.op == "get_attr":
-            obj = _resolve(gm, node.target)
-            if obj is not None and id(obj) in by_param:
-                readers.append((node, by_param[id(obj)]))
+    readers: list[tuple[int, fx.Node, InstalledTarget, tuple[int, str]]] = []
+    for i, (base, g, _) in enumerate(graphs):
+        for node in g.nodes:
+            if node.op == "get_attr":
+                obj = _resolve(base, node.target)
+                if obj is not None and id(obj) in by_param:
+                    prefix, _, attr = node.target.rpartition(".")
+                    owner = base.get_submodule(prefix) if prefix else base
+                    readers.append((i, node, by_param[id(obj)], (id(owner), attr)))
 
     # 2. Attach each MaskedParameter under every name of its parameter.
     for t, it in zip(plan.targets, targets):
@@ -122,31 +147,39 @@ def install_masks(gm: fx.GraphModule, root: nn.Module, plan: PruningPlan, graph:
                     it.orders.append(order)
 
     # 3. Graph readers call the MaskedParameter instead.
-    g = gm.graph
-    for node, it in readers:
+    read_by: list[set[tuple[int, str]]] = [set() for _ in graphs]
+    for i, node, it, pair in readers:
+        g = graphs[i][1]
         with g.inserting_before(node):
-            call = g.call_module(it.name, ())
+            call = g.call_module(node.target, ())
         call.meta = dict(node.meta)
         node.replace_all_uses_with(call)
         g.erase_node(node)
         it.route = "graph"
+        read_by[i].add(pair)
+    graph_read = set().union(*read_by)
 
-    # 4. Leaves that read pruned parameters themselves get LeafMasks hooks.
+    # 4. Module-level hooks (see the docstring for where).
     owned: dict[int, list[tuple[nn.Module, str, MaskedParameter, InstalledTarget]]] = {}
     for it in targets:
         for owner, attr in it.owners:
             owned.setdefault(id(owner), []).append((owner, attr, it.masked, it))
-    leaves: dict[int, nn.Module] = {}
-    if graph:
+    own_graph = {id(c.module) for c in capture.subgraphs()}
+    python = {id(c.module) for c in capture.python()}
+
+    def entries_below(start: nn.Module, skip: set[tuple[int, str]]):
+        return [e for m in _walk(start, own_graph) for e in owned.get(id(m), []) if (id(e[0]), e[1]) not in skip]
+
+    hooked: dict[int, tuple[nn.Module, list]] = {}
+    if capture.root.graph is None:
+        hooked[id(root)] = (root, entries_below(root, graph_read))
+    for base, g, _ in graphs:
         for node in g.nodes:
             if node.op == "call_module":
-                m = gm.get_submodule(node.target)
-                if not isinstance(m, MaskedParameter):
-                    leaves[id(m)] = m
-    else:
-        leaves[id(root)] = root
-    for leaf in leaves.values():
-        entries = [e for sub in leaf.modules() for e in owned.get(id(sub), [])]
+                m = base.get_submodule(node.target)
+                if not isinstance(m, MaskedParameter) and id(m) not in hooked:
+                    hooked[id(m)] = (m, entries_below(m, graph_read if id(m) in python else set()))
+    for leaf, entries in hooked.values():
         if not entries:
             continue
         hooks = LeafMasks([(o, a, m) for o, a, m, _ in entries])
@@ -154,9 +187,34 @@ def install_masks(gm: fx.GraphModule, root: nn.Module, plan: PruningPlan, graph:
         leaf.register_forward_hook(hooks.exit, always_call=True)
         for *_, it in entries:
             it.route = "graph+module" if it.route.startswith("graph") else "module"
-    g.lint()
-    gm.recompile()
+
+    # 5. Captured children run their graph as their forward.
+    for i, (base, g, cap) in enumerate(graphs):
+        g.lint()
+        if base is gm:
+            gm.recompile()
+            continue
+        others = graph_read - read_by[i]
+        fallback = LeafMasks([(o, a, m) for o, a, m, _ in entries_below(base, others)])
+        forward = CapturedForward(base, g, cap.spec, fallback, list(cap.constants), cap.output_type)
+        install_captured_forward(base, forward, cap.constants)
+    if capture.root.graph is None:
+        gm.recompile()
     return targets
+
+
+def _walk(start: nn.Module, stop: set[int]):
+    """``start`` and the modules below it, not entering modules in ``stop`` (other than ``start``)."""
+    seen = {id(start)}
+    stack = [start]
+    while stack:
+        m = stack.pop()
+        yield m
+        for child in m._modules.values():
+            if child is None or isinstance(child, MaskedParameter) or id(child) in seen or id(child) in stop:
+                continue
+            seen.add(id(child))
+            stack.append(child)
 
 
 def restore_parameters(targets: list[InstalledTarget]) -> None:

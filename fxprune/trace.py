@@ -9,21 +9,46 @@ calls in the graph. Layers with training-time behaviour (BatchNorm, Dropout)
 or Python-heavy forwards (MultiheadAttention, RNNs) stay leaves; their
 parameters are masked at module level by :mod:`fxprune.rewrite`.
 
-Fallback: when tracing raises inside a submodule's forward (data-dependent
-control flow, Proxy misuse), that submodule becomes a leaf and tracing starts
-again; it is reported with the reason. If the model's own ``forward`` cannot
-be traced, the whole model is one leaf: every weight is masked at module
-level, nothing is lost but graph-level visibility.
+Fallback, in two levels:
+
+* When tracing raises inside a submodule's forward (data-dependent control
+  flow, Proxy misuse), that submodule becomes a leaf and tracing starts
+  again; it is reported with the reason.
+* When a module's *own* forward cannot be traced (the model's root, or such a
+  fallback leaf), its forward stays Python and each of its children is
+  captured on its own, recursively: the per-submodule fallback. A child is
+  traced *specialized to the call seen in an example run* -- tensors become
+  graph inputs, every other argument (``None``, flags, sizes) a constant --
+  because a child traced with every argument symbolic would assume, for
+  instance, that an ``attention_mask=None`` is a tensor. Without an example
+  run (``prepare(..., example_inputs=None)``) nothing is known about how
+  children are called, so the module stays Python as a whole and its weights
+  are masked at module level.
+
+:func:`capture_model` returns the result as a flat list of :class:`Capture`
+nodes (the module tree annotated with what each part became).
 """
 from __future__ import annotations
 
+import keyword
+import re
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
+import torch
 import torch.fx as fx
 from torch import nn
+from torch.utils import _pytree as pytree
 
-__all__ = ["TraceResult", "trace_model", "TRACE_THROUGH_TYPES"]
+__all__ = [
+    "TRACE_THROUGH_TYPES",
+    "CallSpec",
+    "Capture",
+    "CaptureResult",
+    "capture_model",
+    "record_calls",
+    "output_tensors",
+]
 
 #: Layers traced through when they own a pruned parameter; all are pure functions of their weights.
 TRACE_THROUGH_TYPES: tuple[type[nn.Module], ...] = (
@@ -38,18 +63,188 @@ TRACE_THROUGH_TYPES: tuple[type[nn.Module], ...] = (
     nn.Embedding,
 )
 
+#: Non-tensor argument values a captured call may be specialized to (compared by type and value).
+_CONSTANT_TYPES = (type(None), bool, int, float, str, torch.dtype, torch.device)
+
+
+# ----------------------------------------------------------------------------- call specs
+@dataclass(frozen=True)
+class CallSpec:
+    """How a module was called, tensors left as holes.
+
+    The call's ``(args, kwargs)`` are flattened with ``torch.utils._pytree``:
+    ``treespec`` is their structure, ``consts`` holds ``(True, name)`` for a tensor leaf
+    (a graph input) and ``(False, value)`` for a constant leaf.
+    """
+
+    treespec: pytree.TreeSpec
+    consts: tuple[tuple[bool, Any], ...]
+
+    @staticmethod
+    def of(module: nn.Module, args: tuple, kwargs: dict) -> "CallSpec | str":
+        """The spec of one call, or a reason why it cannot be specialized.
+
+        The call is taken exactly as made (positional and keyword arguments as
+        passed, no signature binding): a parent calls its child the same way
+        every time, and decorated HF forwards make signatures unreliable.
+        """
+        leaves_with_path, treespec = pytree.tree_flatten_with_path((tuple(args), dict(kwargs)))
+        consts: list[tuple[bool, Any]] = []
+        used: set[str] = set()
+        for path, leaf in leaves_with_path:
+            where = _describe(path)
+            if isinstance(leaf, torch.Tensor):
+                consts.append((True, _identifier(where, used)))
+            elif type(leaf) in _CONSTANT_TYPES:
+                consts.append((False, leaf))
+            else:
+                return f"argument {where} is a {type(leaf).__name__}, not a tensor or a constant"
+        return CallSpec(treespec, tuple(consts))
+
+    def tensor_names(self) -> list[str]:
+        return [v for is_tensor, v in self.consts if is_tensor]
+
+    def match(self, module: nn.Module, args: tuple, kwargs: dict) -> list[torch.Tensor] | None:
+        """The tensor leaves of a call in graph-input order, or ``None`` if the call does not fit this spec."""
+        leaves, treespec = pytree.tree_flatten((tuple(args), dict(kwargs)))
+        if treespec != self.treespec:
+            return None
+        tensors = []
+        for leaf, (is_tensor, want) in zip(leaves, self.consts):
+            if is_tensor:
+                if not isinstance(leaf, torch.Tensor):
+                    return None
+                tensors.append(leaf)
+            elif type(leaf) is not type(want) or not (leaf is want or leaf == want):
+                return None
+        return tensors
+
+    def call_arguments(self, tensors: tuple) -> tuple[tuple, dict]:
+        """Rebuild ``(args, kwargs)`` of the call from its tensors (used while tracing)."""
+        it = iter(tensors)
+        leaves = [next(it) if is_tensor else value for is_tensor, value in self.consts]
+        return pytree.tree_unflatten(leaves, self.treespec)
+
+
+def _describe(path: tuple) -> str:
+    """``args[0]``, ``attention_mask`` or ``position_embeddings[1]`` for a leaf of ``(args, kwargs)``."""
+    text = pytree.keystr(path[1:])
+    if path and getattr(path[0], "idx", None) == 0:
+        return "args" + text
+    return re.sub(r"^\['([^']*)'\]", r"\1", text)
+
+
+def _identifier(keypath: str, used: set[str]) -> str:
+    name = re.sub(r"\W+", "_", keypath).strip("_") or "arg"
+    if name[0].isdigit() or keyword.iskeyword(name):
+        name = f"arg_{name}"
+    base, i = name, 1
+    while name in used:
+        i += 1
+        name = f"{base}_{i}"
+    used.add(name)
+    return name
+
+
+@torch.no_grad()
+def record_calls(model: nn.Module, args: tuple, kwargs: dict) -> dict[int, list[CallSpec | str]]:
+    """Run ``model`` once and note how every submodule is called (keyed by ``id(module)``).
+
+    Buffers (BatchNorm statistics, caches) are restored afterwards and the
+    global RNG is left untouched, so the run leaves no trace on the model.
+    """
+    calls: dict[int, list[CallSpec | str]] = {}
+
+    def hook(module: nn.Module, a: tuple, kw: dict) -> None:
+        spec = CallSpec.of(module, a, kw)
+        seen = calls.setdefault(id(module), [])
+        if spec not in seen:
+            seen.append(spec)
+
+    handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in model.modules() if m is not model]
+    saved = [(b, b.clone()) for b in model.buffers()]
+    try:
+        with torch.random.fork_rng(devices=[]):
+            model(*args, **kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+        for b, value in saved:
+            b.copy_(value)
+    return calls
+
+
+def output_tensors(out: Any) -> list[torch.Tensor]:
+    """Every tensor of a model output (tensors, tuples, lists, dicts, HF ``ModelOutput``), in order."""
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, dict):
+        return [t for v in out.values() for t in output_tensors(v)]
+    if isinstance(out, (list, tuple)):
+        return [t for v in out for t in output_tensors(v)]
+    if hasattr(out, "to_tuple"):
+        return output_tensors(out.to_tuple())
+    return []
+
+
+# ----------------------------------------------------------------------------- capture tree
+@dataclass
+class Capture:
+    """One module of the capture tree: traced into a graph, or kept as Python.
+
+    ``graph`` is ``None`` when the module's own forward stays Python (its
+    children were captured on their own); ``spec`` is the call a child's
+    graph is specialized to (``None`` for the model's root). ``leaves`` are
+    the fallback leaves inside the graph (qualified names from the model
+    root) with the reason each could not be traced through.
+    """
+
+    name: str
+    module: nn.Module
+    graph: fx.Graph | None = None
+    spec: CallSpec | None = None
+    reason: str | None = None
+    leaves: dict[str, str] = field(default_factory=dict)
+    constants: dict[str, torch.Tensor] = field(default_factory=dict)  # tensors the tracer put on the module
+    output_type: type | None = None  # a dict subclass (HF ModelOutput) that fx turned into a plain dict
+
 
 @dataclass
-class TraceResult:
-    """The graph (``None`` when the model's own forward is untraceable) and what the fallback did."""
+class CaptureResult:
+    """Every :class:`Capture` (the root first), and modules left un-captured with the reason."""
 
-    graph: fx.Graph | None
-    fallback_leaves: dict[str, str] = field(default_factory=dict)  # module name -> reason
-    root_error: str | None = None
+    captures: list[Capture]
+    uncaptured: dict[str, str] = field(default_factory=dict)  # name -> reason (no children captured either)
+
+    @property
+    def root(self) -> Capture:
+        return self.captures[0]
+
+    def subgraphs(self) -> list[Capture]:
+        """Captured children: they run their own graph as their instance-level ``forward``."""
+        return [c for c in self.captures[1:] if c.graph is not None]
+
+    def python(self) -> list[Capture]:
+        """Modules whose own forward stays Python."""
+        return [c for c in self.captures if c.graph is None]
+
+    def routes(self) -> dict[str, str]:
+        """Module name -> how it was captured, for the prepare report."""
+        out: dict[str, str] = {}
+        for c in self.captures:
+            name = c.name or "<root>"
+            out[name] = "graph" if c.graph is not None else f"python ({c.reason})"
+            for leaf, reason in c.leaves.items():
+                out.setdefault(leaf, f"leaf ({reason})")
+        for name, reason in self.uncaptured.items():
+            out.setdefault(name, f"module ({reason})")
+        return out
 
 
 class _Tracer(fx.Tracer):
-    def __init__(self, trace_through: set[str], leaves: set[str], leaf_types: tuple[type, ...]):
+    """Traces through ``trace_through`` modules and keeps ``leaves`` (both sets of module ids) as leaves."""
+
+    def __init__(self, trace_through: set[int], leaves: set[int], leaf_types: tuple[type, ...]):
         super().__init__()
         self._trace_through = trace_through
         self._leaves = leaves
@@ -57,9 +252,9 @@ class _Tracer(fx.Tracer):
         self.culprit: str | None = None  # innermost traced-through module whose forward raised
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        if qualname in self._leaves or (self._leaf_types and isinstance(m, self._leaf_types)):
+        if id(m) in self._leaves or (self._leaf_types and isinstance(m, self._leaf_types)):
             return True
-        if qualname in self._trace_through:
+        if id(m) in self._trace_through:
             return False
         return super().is_leaf_module(m, qualname)
 
@@ -78,42 +273,168 @@ class _Tracer(fx.Tracer):
             raise
 
 
-def trace_model(
+_SPECIALIZED = "_fxprune_specialized_forward"
+
+
+def _specialized_class(module: nn.Module, spec: CallSpec, seen_output: list) -> type:
+    """A subclass of ``type(module)`` whose ``forward`` takes only the call's tensors.
+
+    The tracer traces ``type(root).<traced_func_name>``; this function has one
+    named parameter per tensor and rebuilds the full call (constants
+    included) before running the class's own ``forward``.
+    """
+    cls = type(module)
+    names = spec.tensor_names()
+    src = f"def {_SPECIALIZED}(self, {', '.join(names)}):\n    return _run(self, ({', '.join(names)}{',' if names else ''}))\n"
+
+    def _run(self: nn.Module, tensors: tuple) -> Any:
+        args, kwargs = spec.call_arguments(tensors)
+        out = cls.forward(self, *args, **kwargs)
+        seen_output.append(type(out))
+        return out
+
+    namespace: dict[str, Any] = {"_run": _run}
+    exec(compile(src, f"<fxprune specialized {cls.__name__}>", "exec"), namespace)
+    return type(cls.__name__, (cls,), {_SPECIALIZED: namespace[_SPECIALIZED], "__module__": cls.__module__})
+
+
+def _trace_one(
+    module: nn.Module,
+    prefix: str,
+    spec: CallSpec | None,
+    concrete_args: dict[str, Any] | None,
+    trace_through: set[int],
+    leaves: set[int],
+    leaf_types: tuple[type, ...],
+) -> tuple[Capture, str | None]:
+    """Trace ``module``, turning untraceable submodules into leaves one at a time.
+
+    Returns the capture and, when the module's own forward is the culprit,
+    the reason (the capture's graph is then ``None``).
+    """
+    cap = Capture(name=prefix, module=module, spec=spec)
+    modules = dict(module.named_modules())
+    local_leaves = set(leaves)
+    for _ in range(len(modules) + 1):
+        tracer = _Tracer(trace_through, local_leaves, leaf_types)
+        before = set(module.__dict__)
+        original_cls = type(module)
+        seen_output: list[type] = []
+        try:
+            if spec is not None:
+                module.__class__ = _specialized_class(module, spec, seen_output)
+                tracer.traced_func_name = _SPECIALIZED
+            try:
+                graph = tracer.trace(module, concrete_args=concrete_args if spec is None else None)
+            finally:
+                module.__class__ = original_cls
+        except Exception as e:  # any failure of symbolic tracing: fall back, and say why
+            for name in set(module.__dict__) - before:
+                del module.__dict__[name]
+            reason = f"{type(e).__name__}: {e}".splitlines()[0][:300]
+            culprit = tracer.culprit
+            if not culprit or id(modules[culprit]) in local_leaves:
+                return cap, reason
+            local_leaves.add(id(modules[culprit]))
+            cap.leaves[_join(prefix, culprit)] = reason
+            continue
+        cap.graph = graph
+        if seen_output and issubclass(seen_output[-1], dict) and seen_output[-1] is not dict:
+            cap.output_type = seen_output[-1]
+        if spec is not None:  # tensor constants the tracer attached to the module: the graph owns them now
+            for name in set(module.__dict__) - before:
+                cap.constants[name] = module.__dict__.pop(name)
+        return cap, None
+    raise AssertionError("fallback loop did not converge")  # each round adds a new leaf
+
+
+def capture_model(
     model: nn.Module,
     target_owners: Iterable[str],
     *,
     concrete_args: dict[str, Any] | None = None,
     leaf_modules: Iterable[str | type] | None = None,
-) -> TraceResult:
-    """Trace ``model``, turning untraceable submodules into leaves one at a time.
+    calls: dict[int, list[CallSpec | str]] | None = None,
+) -> CaptureResult:
+    """Capture ``model`` as graphs where possible, Python where not (see the module docstring).
 
     ``target_owners`` are the names of modules that own pruned parameters;
-    those of :data:`TRACE_THROUGH_TYPES` are traced through.
+    those of :data:`TRACE_THROUGH_TYPES` are traced through. ``calls`` (from
+    :func:`record_calls`) enables the per-submodule fallback.
     """
     modules = dict(model.named_modules())
     leaf_types = tuple(x for x in (leaf_modules or ()) if isinstance(x, type))
-    leaves = {x for x in (leaf_modules or ()) if isinstance(x, str)}
-    unknown = sorted(n for n in leaves if n not in modules)
+    leaf_names = {x for x in (leaf_modules or ()) if isinstance(x, str)}
+    unknown = sorted(n for n in leaf_names if n not in modules)
     if unknown:
         raise ValueError(f"leaf_modules names not found in the model: {', '.join(unknown)}")
-    trace_through = {
-        n for n in target_owners if n in modules and _is_functional_layer(modules[n])
-    }
-    result = TraceResult(graph=None)
-    for _ in range(len(modules) + 1):
-        tracer = _Tracer(trace_through, leaves, leaf_types)
-        try:
-            result.graph = tracer.trace(model, concrete_args=concrete_args)
-            return result
-        except Exception as e:  # any failure of symbolic tracing: fall back, and say why
-            reason = f"{type(e).__name__}: {e}".splitlines()[0][:300]
-            culprit = tracer.culprit
-            if not culprit or culprit in leaves:
-                result.root_error = reason
-                return result
-            leaves.add(culprit)
-            result.fallback_leaves[culprit] = reason
-    raise AssertionError("fallback loop did not converge")  # each round adds a new leaf
+    leaves = {id(modules[n]) for n in leaf_names}
+    owner_ids = {id(modules[n]) for n in target_owners if n in modules}
+    trace_through = {id(modules[n]) for n in target_owners if n in modules and _is_functional_layer(modules[n])}
+    # Modules worth capturing: those with a pruned parameter somewhere below them.
+    relevant = {id(m) for m in model.modules() if any(id(s) in owner_ids for s in m.modules())}
+
+    result = CaptureResult(captures=[])
+    visited: set[int] = set()
+
+    def python_children(parent: nn.Module, prefix: str) -> None:
+        """``parent``'s forward stays Python: capture each child on its own, or recurse into it."""
+        for child_name, child in parent.named_children():
+            name = _join(prefix, child_name)
+            if id(child) in visited or id(child) not in relevant:
+                continue
+            visited.add(id(child))
+            if calls is None:
+                result.uncaptured[name] = "no example_inputs: how it is called is unknown"
+                continue
+            specs = calls.get(id(child), [])
+            reason = None
+            if not specs:
+                reason = "not called in the example run"
+            elif len(specs) > 1:
+                reason = f"called {len(specs)} different ways in the example run"
+            elif isinstance(specs[0], str):
+                reason = specs[0]
+            elif id(child) in leaves or (leaf_types and isinstance(child, leaf_types)):
+                result.uncaptured[name] = "leaf_modules"
+                continue
+            if reason is None:
+                cap, reason = _trace_one(child, name, specs[0], None, trace_through, leaves, leaf_types)
+                if reason is None:
+                    result.captures.append(cap)
+                    graph_leaves(cap)
+                    continue
+            if not any(True for _ in child.children()):
+                result.uncaptured[name] = reason
+                continue
+            result.captures.append(Capture(name=name, module=child, reason=reason))
+            python_children(child, name)
+
+    def graph_leaves(cap: Capture) -> None:
+        """Fallback leaves inside a graph keep their forward; capture their children when calls are known."""
+        if calls is None:
+            return
+        for leaf_name in list(cap.leaves):
+            leaf = model.get_submodule(leaf_name)
+            if id(leaf) in visited or id(leaf) not in relevant:
+                continue
+            visited.add(id(leaf))
+            result.captures.append(Capture(name=leaf_name, module=leaf, reason=cap.leaves[leaf_name]))
+            python_children(leaf, leaf_name)
+
+    visited.add(id(model))
+    root, reason = _trace_one(model, "", None, concrete_args, trace_through, leaves, leaf_types)
+    root.reason = reason
+    result.captures.append(root)
+    if reason is None:
+        graph_leaves(root)
+    else:
+        python_children(model, "")
+    return result
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
 
 
 def _is_functional_layer(m: nn.Module) -> bool:
