@@ -26,7 +26,7 @@ from typing import Sequence
 import torch
 
 from fxprune.config import PrunerConfig, nm_ratio
-from fxprune.errors import PruningError
+from fxprune.errors import ConfigError, PruningError
 from fxprune.masked import MaskedParameter
 
 __all__ = [
@@ -36,6 +36,7 @@ __all__ = [
     "layer_bounds",
     "parse_nm",
     "nm_mask",
+    "check_pattern_shapes",
     "select_masks",
 ]
 
@@ -404,6 +405,23 @@ def _finish_ties(flat_s, flat_m, pruned, rng: _Range, need: int, bound, below_b,
 def parse_nm(pattern: str) -> tuple[int, int] | None:
     """``"2:4"`` -> ``(2, 4)``; ``None`` for other patterns (validated in :mod:`fxprune.config`)."""
     return nm_ratio(pattern)
+
+
+def check_pattern_shapes(targets: list[tuple[str, str, tuple[int, ...]]], config) -> None:
+    """Before the model is touched: every weight of an N:M pruner has an input dim divisible by M.
+
+    ``targets`` are ``(name, pruner, shape)``; raises :class:`ConfigError` naming the weight.
+    """
+    pruners = {p.name: p for p in config.pruners}
+    for name, pruner, shape in targets:
+        p = pruners[pruner]
+        nm = nm_ratio(p.pattern)
+        if nm is None:
+            continue
+        try:
+            _groups_view(torch.empty(shape, device="meta"), nm[1], repr(name))
+        except PruningError as e:
+            raise ConfigError(f"weight {e}", f"{p.key_path}.pattern", config.source) from None
 
 
 def _groups_view(x: torch.Tensor, m: int, name: str) -> torch.Tensor:

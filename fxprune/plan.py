@@ -140,6 +140,9 @@ def make_plan(model: nn.Module, config: PruningConfig) -> PruningPlan:
         for n in aliases
         if n in claims
     )
+    from fxprune.masks import check_pattern_shapes  # N:M needs the input dim divisible by M
+
+    check_pattern_shapes([(t.name, t.pruner, t.shape) for t in targets], config)
     return PruningPlan(targets=targets, pruners={p.name: p for p in config.pruners})
 
 
