@@ -33,15 +33,16 @@ NORMS = {"l1": 1, "l2": 2}
 
 
 def _per_position(t: torch.Tensor, s: Slice) -> torch.Tensor:
-    """Reduce ``t`` (a tensor or its scores) to one value per position of the slice (sum over the rest)."""
+    """Reduce ``t`` to one value per position of the slice: sum over the other entries (``any`` for masks)."""
+    reduce = (lambda x, dims: x.any(dim=dims)) if t.dtype == torch.bool else (lambda x, dims: x.sum(dim=dims))
     if s.kind == OUT or s.kind == IN:
-        return t.movedim(s.dim, 0).reshape(t.shape[s.dim], -1).sum(1)
+        others = tuple(d for d in range(t.dim()) if d != s.dim)
+        return reduce(t, others) if others else t
     if s.kind == IN_BLOCK:
-        n = t.shape[1] // s.block
-        return t.transpose(0, 1).reshape(n, -1).sum(1)
+        return reduce(t.reshape(t.shape[0], t.shape[1] // s.block, s.block), (0, 2))
     if s.kind == IN_GROUPED:
         g = s.groups
-        return t.reshape(g, t.shape[0] // g, t.shape[1], -1).sum(dim=(1, 3)).reshape(-1)
+        return reduce(t.reshape(g, t.shape[0] // g, t.shape[1], -1), (1, 3)).reshape(-1)
     raise AssertionError(s.kind)
 
 
@@ -53,9 +54,7 @@ def _slice_values(group: ChannelGroup, values: dict[str, torch.Tensor], power: i
         if v is None:
             continue
         v = v.detach()
-        if v.dtype == torch.bool:
-            v = v.to(torch.float32)
-        elif power != 1:
+        if v.dtype != torch.bool and power != 1:
             v = v.float() ** power
         per = _per_position(v, s).to(torch.float64)[s.positions]
         out.index_add_(0, group.local(s.channels), per)
@@ -63,8 +62,10 @@ def _slice_values(group: ChannelGroup, values: dict[str, torch.Tensor], power: i
 
 
 def kept_entries(plan: "ChannelPlan", group: ChannelGroup) -> torch.Tensor:
-    """How many mask entries each channel still keeps, over its masked slices (0 = removed)."""
+    """How many masked slices of each channel still keep an entry (0 = the channel is removed)."""
     masks = {s.tensor: plan.masked[s.tensor].mask for s in group.slices if s.tensor in plan.masked}
+    if not any(getattr(plan.masked[n], "_has_pruned", True) for n in masks):
+        return torch.ones(group.size, dtype=torch.float64)  # nothing pruned yet anywhere in the group
     return _slice_values(group, masks)
 
 
