@@ -6,8 +6,11 @@ consumes that weight. Where that operation is depends on how the weight is
 masked (see :mod:`fxprune.rewrite`):
 
 - *graph route*: the masked-parameter node feeds a ``linear`` or ``convNd``
-  call in the fx graph. The model is run through a :class:`torch.fx.Interpreter`
-  that sees each such call's input; the graph itself is not touched.
+  call in an fx graph (the root's, or that of a child traced on its own when
+  the root could not be). A forward hook on the ``MaskedParameter`` remembers
+  the effective-weight tensor it returns, and a ``TorchFunctionMode`` records
+  the input of the linear/conv call that receives that very tensor. Neither
+  the graph nor the generated code is touched.
 - *module route*: the weight is read inside a leaf module (a Hugging Face
   model whose root ``forward`` is untraceable is one leaf). A forward pre-hook
   on the owning ``nn.Linear``, ``nn.Conv1d/2d/3d`` or Hugging Face ``Conv1D``
@@ -28,13 +31,13 @@ Typical one-shot use (``schedule: oneshot`` at ``start_epoch: 0``)::
 """
 from __future__ import annotations
 
-import inspect
 from typing import Any, Callable, Iterable, Mapping
 
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from fxprune.errors import PruningError
 from fxprune.graph_module import PreparedGraphModule
@@ -49,7 +52,6 @@ _CONV_FNS = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3}
 _METADATA_METHODS = {"size", "dim", "numel"}
 _METADATA_ATTRS = {"shape", "dtype", "device", "ndim", "is_cuda"}
 
-Recorder = Callable[[torch.Tensor], None]
 
 
 def calibrate(
@@ -82,19 +84,23 @@ def calibrate(
         raise PruningError(
             f"calibrate(): no pruner of this model uses an activation-aware policy (wanda); pruners: {policies}"
         )
-    graph_watch = _graph_recorders(prepared, targets)
+    _check_graph_consumers(prepared, targets)
     hooks = _module_recorders(targets)
     if reset:
         for t in targets:
             t.masked.wanda.reset()
 
-    was_training = prepared.training
+    # Graph-route weights (in the root graph or in a child traced on its own) are seen where the
+    # effective weight a MaskedParameter just returned is passed to a linear/conv call.
+    live: dict[int, tuple[InstalledTarget, torch.Tensor]] = {}
     handles = [module.register_forward_pre_hook(fn, with_kwargs=True) for module, fn in hooks]
-    if graph_watch:
-        prepared.__dict__["forward"] = _interpreting_forward(prepared, graph_watch)
+    handles += [
+        t.masked.register_forward_hook(_remember_output(t, live)) for t in targets if t.route.startswith("graph")
+    ]
+    was_training = prepared.training
     try:
         prepared.eval()
-        with torch.no_grad():
+        with torch.no_grad(), _WeightInputs(live):
             for batch in batches:
                 if forward is not None:
                     forward(prepared, batch)
@@ -104,8 +110,9 @@ def calibrate(
                     prepared(*batch)
                 else:
                     prepared(batch)
+                live.clear()
     finally:
-        prepared.__dict__.pop("forward", None)
+        live.clear()
         for h in handles:
             h.remove()
         prepared.train(was_training)
@@ -122,10 +129,9 @@ def calibrate(
 
 
 # ----------------------------------------------------------------- graph route
-def _graph_recorders(gm: fx.GraphModule, targets: list[InstalledTarget]) -> dict[fx.Node, list[Callable]]:
-    """Per consumer node: the recorders to call with its ``(args, kwargs)``."""
+def _check_graph_consumers(gm: fx.GraphModule, targets: list[InstalledTarget]) -> None:
+    """Fail before running when the root graph uses a wanda weight in a way whose input is not its features."""
     by_name = {t.name: t for t in targets if t.route.startswith("graph")}
-    watch: dict[fx.Node, list[Callable]] = {}
     for node in gm.graph.nodes:
         if node.op != "call_module" or node.target not in by_name:
             continue
@@ -135,57 +141,47 @@ def _graph_recorders(gm: fx.GraphModule, targets: list[InstalledTarget]) -> dict
                 continue
             if user.op == "call_function" and user.target is getattr and user.args[1] in _METADATA_ATTRS:
                 continue
-            watch.setdefault(user, []).append(_consumer_recorder(t, node, user))
-    return watch
+            fn = user.target if user.op == "call_function" else None
+            if fn is F.linear or fn in _CONV_FNS:
+                weight_arg = user.args[1] if len(user.args) > 1 else user.kwargs.get("weight")
+                if weight_arg is node:
+                    continue
+            raise PruningError(
+                f"calibrate(): cannot observe the input of weight {t.name!r}: it is used by graph node "
+                f"{user.format_node()}, and only the weight argument of linear and conv1d/2d/3d calls has "
+                "inputs that map to its features (embeddings, matmuls and transformed weights do not); "
+                "exclude it from the wanda pruner"
+            )
 
 
-def _consumer_recorder(t: InstalledTarget, weight_node: fx.Node, user: fx.Node) -> Callable:
-    """How to read the weight's input features from one consumer node's arguments."""
-    fn = user.target if user.op == "call_function" else None
-    if fn is F.linear or fn in _CONV_FNS:
-        weight_arg = user.args[1] if len(user.args) > 1 else user.kwargs.get("weight")
-        if weight_arg is weight_node:
-            kind = "linear" if fn is F.linear else "conv"
-            where = f"graph node {user.format_node()}"
-            shape = t.masked.param.shape
+def _remember_output(t: InstalledTarget, live: dict[int, tuple[InstalledTarget, torch.Tensor]]) -> Callable:
+    """Forward hook of a MaskedParameter: remember the effective-weight tensor it returned (by identity)."""
 
-            def record(args: tuple, kwargs: dict) -> None:
+    def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        live[id(output)] = (t, output)  # the reference keeps the id from being reused within the batch
+
+    return hook
+
+
+class _WeightInputs(TorchFunctionMode):
+    """Sees every linear/conv call; records the input of those whose weight is a remembered effective weight."""
+
+    def __init__(self, live: dict[int, tuple[InstalledTarget, torch.Tensor]]):
+        super().__init__()
+        self.live = live
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if self.live and (func is F.linear or func in _CONV_FNS):
+            weight = args[1] if len(args) > 1 else kwargs.get("weight")
+            hit = self.live.get(id(weight))
+            if hit is not None and hit[1] is weight:
+                t = hit[0]
                 x = args[0] if args else kwargs["input"]
-                groups = 1
-                if kind == "conv":
-                    groups = args[6] if len(args) > 6 else kwargs.get("groups", 1)
-                _record(t, kind, x, shape, groups, where)
-
-            return record
-    raise PruningError(
-        f"calibrate(): cannot observe the input of weight {t.name!r}: it is used by graph node "
-        f"{user.format_node()}, and only the weight argument of linear and conv1d/2d/3d calls has "
-        "inputs that map to its features (embeddings, matmuls and transformed weights do not); "
-        "exclude it from the wanda pruner"
-    )
-
-
-def _interpreting_forward(gm: fx.GraphModule, watch: dict[fx.Node, list[Callable]]) -> Callable:
-    """A stand-in ``forward`` that runs the graph node by node and shows the watched nodes their inputs."""
-    signature = inspect.signature(gm.forward)
-
-    class _Recorder(fx.Interpreter):
-        def run_node(self, n: fx.Node) -> Any:
-            recorders = watch.get(n)
-            if recorders:
-                args, kwargs = self.fetch_args_kwargs_from_env(n)
-                for record in recorders:
-                    record(args, kwargs)
-            return super().run_node(n)
-
-    def forward(*args: Any, **kwargs: Any) -> Any:
-        bound = signature.bind(*args, **kwargs)
-        bound.apply_defaults()
-        if bound.kwargs:
-            raise TypeError(f"calibrate(): keyword-only inputs are not supported: {', '.join(bound.kwargs)}")
-        return _Recorder(gm).run(*bound.args)
-
-    return forward
+                kind = "linear" if func is F.linear else "conv"
+                groups = (args[6] if len(args) > 6 else kwargs.get("groups", 1)) if kind == "conv" else 1
+                _record(t, kind, x, t.masked.param.shape, groups, f"{func.__name__} call")
+        return func(*args, **kwargs)
 
 
 # ---------------------------------------------------------------- module route
@@ -215,6 +211,8 @@ def _module_recorders(targets: list[InstalledTarget]) -> list[tuple[nn.Module, C
             continue
         for owner, attr in t.owners:
             kind = _layer_kind(owner)
+            if t.route != "module" and kind in ("linear", "conv"):
+                continue  # read by a graph too: its F.linear/conv calls are seen by _WeightInputs
             if attr != "weight" or kind is None:
                 raise PruningError(
                     f"calibrate(): cannot observe the input of weight {t.name!r}: it is read inside a leaf module, "

@@ -394,3 +394,45 @@ def test_config_accepts_movement_and_wanda_and_suggests_names():
         "wanda", "movement"]
     with pytest.raises(fxprune.ConfigError, match="did you mean 'wanda'"):
         fxprune.load_config({"wandaa": {"a": {}}})
+
+
+class _Branchy(nn.Module):
+    """Data-dependent control flow: not traceable as a whole, its children are traced on their own."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Sequential(nn.Linear(8, 8))
+        self.b = nn.Linear(8, 4)
+
+    def forward(self, x):
+        if x.sum() > 0:
+            x = self.a(x)
+        return self.b(torch.relu(x))
+
+
+class _Outer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inner = _Branchy()
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.head(self.inner(x))
+
+
+def test_calibrate_reaches_weights_in_child_graphs():
+    torch.manual_seed(6)
+    model = _Outer()
+    xs = [torch.randn(4, 8).abs() for _ in range(2)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        prepared = fxprune.prepare(model, {"wanda": {"w": {"target_sparsity": 0.5, "schedule": "oneshot"}}},
+                                   example_inputs=(xs[0],))
+    rows = fxprune.calibrate(prepared, xs)
+    assert rows == {"inner.a.0.weight": 8, "inner.b.weight": 8, "head.weight": 8}
+    layers = {"inner.a.0.weight": model.inner.a[0], "inner.b.weight": model.inner.b, "head.weight": model.head}
+    sq = _input_sq_sums(model, layers, xs, lambda m, b: m(b))
+    for name, s in sq.items():
+        w = model.get_parameter(name).detach()
+        torch.testing.assert_close(wanda_importance(_masked(prepared, name)).double(), (w.abs() * s.sqrt()).double())
+    assert not any("forward" in m.__dict__ for m in prepared.modules() if isinstance(m, torch.fx.GraphModule))
