@@ -27,6 +27,9 @@ the same run. It also times ``fxprune.prepare`` on torchvision's resnet18
 (target <= 0.2 s).
 
 Run: ``python benchmarks/step_time.py`` (``--repeats``, ``--threads``, ``--only mlp``).
+On a machine shared with other jobs, wall-clock ratios swing by tens of
+percent; ``--threads 1 --clock cpu`` (this process's CPU time, one thread)
+keeps the 25th-75th percentile band within a few percent.
 """
 from __future__ import annotations
 
@@ -135,8 +138,7 @@ class Case:
 def resnet_case() -> Case:
     """torchvision's resnet18 when importable (the model the issue's anchors use), else SmallResNet."""
     try:
-        import torchvision  # noqa: F401  (optional extra)
-        from torchvision.models import resnet18
+        from torchvision.models import resnet18  # optional extra
     except ImportError:
         return Case("resnet (SmallResNet)", "own CIFAR-style ResNet-14, batch 32x3x32x32 (torchvision missing)",
                     SmallResNet, lambda: (torch.randn(32, 3, 32, 32), torch.randint(0, 10, (32,))), 2)
