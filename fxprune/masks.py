@@ -102,6 +102,11 @@ class _KeySpace:
         self.pruned = -(1 << (self.bits - 1))  # below every float's key: already-pruned entries
         self.magnitude = (1 << (self.bits - 1)) - 1
         self.sanitize = False
+        # Chunk workspaces, reused by every chunk: allocating fresh temporaries per chunk
+        # fragments the heap between the long-lived outputs and inflates the peak RSS.
+        self._key = torch.empty(_CHUNK, dtype=self.idtype)
+        self._tmp = torch.empty(_CHUNK, dtype=self.idtype)
+        self._flag = torch.empty(_CHUNK, dtype=torch.bool)
 
     def keys(self, scores: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
         """Keys of one chunk; pruned entries (``keep`` False) get the smallest key of all.
@@ -115,12 +120,15 @@ class _KeySpace:
         if self.sanitize:
             c = torch.nan_to_num(c, nan=math.inf, posinf=math.inf, neginf=-math.inf)
         b = c.view(self.idtype)
-        sign = b >> (self.bits - 1)  # -1 for negative floats, 0 otherwise
-        k = sign & self.magnitude
+        n = b.numel()
+        sign, k = self._tmp[:n], self._key[:n]
+        torch.bitwise_right_shift(b, self.bits - 1, out=sign)  # -1 for negative floats, 0 otherwise
+        torch.bitwise_and(sign, self.magnitude, out=k)
         torch.bitwise_xor(b, k, out=k)
         k.sub_(sign)
         if keep is not None:
-            k.masked_fill_(~keep, self.pruned)
+            pruned = torch.logical_not(keep, out=self._flag[:n])
+            k.masked_fill_(pruned, self.pruned)
         return k
 
     def special_buckets(self) -> tuple[int, int]:
@@ -133,12 +141,12 @@ class _KeySpace:
     def digit(self, keys: torch.Tensor, level: int) -> torch.Tensor:
         """The ``level``-th 16-bit digit (0 = most significant), as a bucket index in [0, 65536)."""
         shift = self.bits - _DIGIT_BITS * (level + 1)
-        d = keys >> shift
-        return d + (1 << (_DIGIT_BITS - 1)) if level == 0 else d & (_BUCKETS - 1)
+        d = torch.bitwise_right_shift(keys, shift, out=self._tmp[: keys.numel()])
+        return d.add_(1 << (_DIGIT_BITS - 1)) if level == 0 else d.bitwise_and_(_BUCKETS - 1)
 
     def prefix(self, keys: torch.Tensor, level: int) -> torch.Tensor:
         """The digits above ``level``, as the signed top bits (comparable with a stored prefix)."""
-        return keys >> (self.bits - _DIGIT_BITS * level)
+        return torch.bitwise_right_shift(keys, self.bits - _DIGIT_BITS * level, out=self._tmp[: keys.numel()])
 
 
 def _chunks(n: int):
@@ -320,15 +328,27 @@ class _Range:
         key = self.ks.keys(s, m)
         top = self.ks.prefix(key, self.level)
         torch.ge(top, self.prefix, out=keep_out)
-        return key, top == self.prefix
+        return key, torch.eq(top, self.prefix, out=self.ks._flag[: key.numel()])
+
+
+def _output_masks(flat_m: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The output masks as views of one buffer, allocated before the pass.
+
+    One allocation up front, instead of one per tensor between the chunk
+    temporaries, keeps the allocator from fragmenting: otherwise the freed
+    temporaries sit between live masks and the peak RSS grows by several
+    bytes per weight.
+    """
+    buf = torch.empty(sum(m.numel() for m in flat_m), dtype=torch.bool)
+    return list(torch.split(buf, [m.numel() for m in flat_m]))
 
 
 def _finish_gather(flat_s, flat_m, pruned, rng: _Range, need: int, bound, below_b, lo_b, hi_b):
     """Second pass: prune everything below the range, gather the range, resolve it exactly by sorting."""
-    keep: list[torch.Tensor] = []
+    keep = _output_masks(flat_m)
     cand_key, cand_pos, cand_tid = [], [], []
     for i, (s, m) in enumerate(zip(flat_s, flat_m)):
-        out = torch.empty_like(m)
+        out = keep[i]
         has_pruned = bool(pruned[i])
         for a, b in _chunks(m.numel()):
             key, inside = rng.split(s[a:b], m[a:b] if has_pruned else None, out[a:b])
@@ -337,7 +357,6 @@ def _finish_gather(flat_s, flat_m, pruned, rng: _Range, need: int, bound, below_
                 cand_key.append(key[pos].to(torch.int64))
                 cand_pos.append(pos + a)
                 cand_tid.append(torch.full_like(pos, i))
-        keep.append(out)
     if not cand_key:
         return keep, [int(x) for x in _clamp(below_b, lo_b, hi_b)] if len(bound) else []
     key = torch.cat(cand_key)
@@ -375,10 +394,10 @@ def _finish_gather(flat_s, flat_m, pruned, rng: _Range, need: int, bound, below_
 
 def _finish_ties(flat_s, flat_m, pruned, rng: _Range, need: int, bound, below_b, lo_b, hi_b, ties_b):
     """Second pass when the range is one key held by many entries: ties are taken in index order."""
-    keep: list[torch.Tensor] = []
+    keep = _output_masks(flat_m)
     counts = []
     for i, (s, m) in enumerate(zip(flat_s, flat_m)):
-        out = torch.empty_like(m)
+        out = keep[i]
         if i in bound:
             j = bound.index(i)
             base = int(_clamp(below_b[j], lo_b[j], hi_b[j]))
@@ -386,8 +405,7 @@ def _finish_ties(flat_s, flat_m, pruned, rng: _Range, need: int, bound, below_b,
             got = min(max(need, 0), top - base)
             need -= got
             counts.append(base + got)
-            keep.append(out)  # replaced by the caller
-            continue
+            continue  # its mask is made by the caller
         has_pruned = bool(pruned[i])
         for a, b in _chunks(m.numel()):
             key, inside = rng.split(s[a:b], m[a:b] if has_pruned else None, out[a:b])
@@ -395,7 +413,6 @@ def _finish_ties(flat_s, flat_m, pruned, rng: _Range, need: int, bound, below_b,
                 first = inside & (inside.cumsum(0) <= need)
                 need -= int(torch.count_nonzero(first))
                 out[a:b] &= ~first
-        keep.append(out)
     return keep, counts
 
 
