@@ -102,6 +102,9 @@ class _KeySpace:
         self.pruned = -(1 << (self.bits - 1))  # below every float's key: already-pruned entries
         self.magnitude = (1 << (self.bits - 1)) - 1
         self.sanitize = False
+        # Non-negative scores (magnitudes) are their own keys: the float bits as integers.
+        # Assumed until the first histogram shows a negative score.
+        self.nonneg = True
         # Chunk workspaces, reused by every chunk: allocating fresh temporaries per chunk
         # fragments the heap between the long-lived outputs and inflates the peak RSS.
         self._key = torch.empty(_CHUNK, dtype=self.idtype)
@@ -121,6 +124,11 @@ class _KeySpace:
             c = torch.nan_to_num(c, nan=math.inf, posinf=math.inf, neginf=-math.inf)
         b = c.view(self.idtype)
         n = b.numel()
+        if self.nonneg:
+            if keep is None:
+                return b
+            k = self._key[:n].copy_(b)
+            return k.masked_fill_(torch.logical_not(keep, out=self._flag[:n]), self.pruned)
         sign, k = self._tmp[:n], self._key[:n]
         torch.bitwise_right_shift(b, self.bits - 1, out=sign)  # -1 for negative floats, 0 otherwise
         torch.bitwise_and(sign, self.magnitude, out=k)
@@ -280,10 +288,13 @@ def _select(
                 if prefix is not None:
                     key = key[ks.prefix(key, level) == prefix]
                 h += torch.bincount(ks.digit(key, level), minlength=_BUCKETS)
-        if level == 0 and not ks.sanitize:
-            low, high = ks.special_buckets()
+        if level == 0:
             hist = free + own.sum(0)
-            if int(hist[:low].sum()) > sum(pruned) or int(hist[high:].sum()) > 0:
+            if ks.nonneg and int(hist[: _BUCKETS // 2].sum()) > sum(pruned):
+                ks.nonneg = False  # negative scores: count again with sign-aware keys
+                continue
+            low, high = ks.special_buckets()
+            if not ks.sanitize and (int(hist[:low].sum()) > sum(pruned) or int(hist[high:].sum()) > 0):
                 ks.sanitize = True  # NaN or +inf scores: count again with NaN read as +inf
                 continue
         zero = torch.zeros(1, dtype=torch.int64)
