@@ -11,6 +11,7 @@ import copy
 
 from torch import nn
 
+from fxprune.errors import PruningError
 from fxprune.graph_module import PreparedGraphModule, remove_captured_forwards
 from fxprune.masked import MaskedParameter
 from fxprune.pruner import Pruner
@@ -19,17 +20,43 @@ from fxprune.rewrite import LeafMasks, remove_leaf_hooks, restore_parameters
 __all__ = ["convert"]
 
 
-def convert(prepared: PreparedGraphModule, *, inplace: bool = False) -> nn.Module:
+def convert(
+    prepared: PreparedGraphModule, *, inplace: bool = False, physical: bool = False, semi_structured: bool = False
+) -> nn.Module:
     """Return the pruned model as an instance of the original class.
 
     By default ``prepared`` is left intact (it is deep-copied first), so it can
     still be compared with the result or trained further; ``inplace=True``
     skips that copy to save memory and leaves ``prepared`` unusable.
+    ``physical=True`` also cuts the channels removed by ``pattern: channel``
+    pruners out of the layers (see :mod:`fxprune.structured.shrink`): the
+    result is smaller and faster, gives the masked model's outputs, and no
+    longer has the original shapes.
+    ``semi_structured=True`` (CUDA only) stores the Linear weights of 2:4
+    pruners as ``torch.sparse.to_sparse_semi_structured`` tensors for sparse
+    tensor cores (see :mod:`fxprune.semi_structured`); without CUDA it raises.
     """
     if not isinstance(prepared, PreparedGraphModule) or not isinstance(getattr(prepared, "pruner", None), Pruner):
         raise TypeError(f"convert() expects a model returned by fxprune.prepare(), got {type(prepared).__name__}")
+    channel_plan = prepared.__dict__.get("_fxprune_channels")
+    if physical and channel_plan is None:
+        raise PruningError(
+            "convert(physical=True) removes the channels pruned by a 'pattern: channel' pruner, "
+            "and this model has none; add 'pattern: channel' to a pruner or use physical=False"
+        )
+    if semi_structured:  # fxprune.semi_structured: 2:4 Linear weights as torch sparse semi-structured tensors
+        from fxprune.semi_structured import check_semi_structured_available, semi_structured_candidates
+
+        check_semi_structured_available()
+        sparse_names = semi_structured_candidates(prepared.pruner.targets, prepared.pruner.pruner_configs)
+        if not sparse_names:
+            raise PruningError("convert(semi_structured=True): no weight is pruned with pattern '2:4' (or N:4, N <= 2)")
     model = prepared if inplace else copy.deepcopy(prepared)
     root = model._fxprune_original.module
+    if physical:
+        from fxprune.structured.shrink import removed_channels
+
+        removed = removed_channels(model.__dict__["_fxprune_channels"])  # read before the masks are folded
     restore_parameters(model.pruner.targets)
     remove_leaf_hooks(root)
     remove_captured_forwards(root)  # children captured on their own get their class's forward back
@@ -41,6 +68,14 @@ def convert(prepared: PreparedGraphModule, *, inplace: bool = False) -> nn.Modul
             root._parameters[name] = model._parameters[name]
     root.train(model.training)
     _verify_clean(root)
+    if semi_structured:
+        from fxprune.semi_structured import to_semi_structured
+
+        to_semi_structured(root, sparse_names)
+    if physical:
+        from fxprune.structured.shrink import shrink
+
+        shrink(root, model.__dict__["_fxprune_channels"], removed)
     return root
 
 

@@ -5,14 +5,20 @@ Every targeted parameter of a prepared model lives in exactly one
 read, and its output is the effective weight ``param * mask``.
 
 Why not simply ``param * mask`` every forward (as ``torch.nn.utils.prune``
-does)? Because the pruner keeps the *stored* pruned entries at exactly zero
-(it re-zeroes them whenever the optimizer touched the tensor). When the stored
-tensor is known to be clean -- its autograd version counter has not moved
-since the last re-zeroing -- the forward is a free view of the parameter and
-only the backward pays for the mask (gradients of pruned entries are zeroed).
-When it may be dirty (after ``optimizer.step()`` and before the next hook, or
-under ``torch.compile``), the forward multiplies, so the effective weight is
-exact in every case.
+does)? Because that costs a pass over the weight in the forward as well as
+one in the backward. Instead the pruner keeps the *stored* pruned entries at
+exactly zero (it re-zeroes them whenever the optimizer touched the tensor).
+When the stored tensor is known to be clean -- its autograd version counter
+has not moved since the last re-zeroing -- the forward is a free view of the
+parameter and only the backward pays for the mask (gradients of pruned
+entries are zeroed, whether they are taken by ``backward()`` or
+``torch.autograd.grad``). When it may be dirty (after ``optimizer.step()`` and
+before the next hook, or under ``torch.compile``), the forward multiplies, so
+the effective weight is exact in every case.
+
+Masking uses a float copy of the mask in the parameter's dtype, rebuilt only
+when the mask, dtype or device changes: multiplying by a bool tensor converts
+it on every call and costs several times more.
 """
 from __future__ import annotations
 
@@ -26,14 +32,14 @@ class _MaskGradient(torch.autograd.Function):
     """Identity in the forward (the stored pruned entries are already 0); mask in the backward."""
 
     @staticmethod
-    def forward(ctx, param: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        ctx.save_for_backward(mask)
+    def forward(ctx, param: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        ctx.save_for_backward(keep)
         return param.view_as(param)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
-        (mask,) = ctx.saved_tensors
-        return grad * mask, None
+        (keep,) = ctx.saved_tensors
+        return grad * keep, None
 
 
 class MaskedParameter(nn.Module):
@@ -52,14 +58,26 @@ class MaskedParameter(nn.Module):
         self.register_buffer("mask", torch.ones_like(param, dtype=torch.bool, device=param.device))
         self._clean_version = -1
         self._has_pruned = False  # all-True mask: the forward is the parameter itself
+        self._keep: torch.Tensor | None = None  # float copy of the mask, see keep()
+        self._keep_key: tuple | None = None
 
     def forward(self) -> torch.Tensor:
         if not self._has_pruned:
             return self.param
         # Compiled graphs always multiply: the version-counter check is eager-only Python state.
-        if not torch.compiler.is_compiling() and self.is_clean():
-            return _MaskGradient.apply(self.param, self.mask)
-        return self.param * self.mask
+        if torch.compiler.is_compiling():
+            return self.param * self.mask
+        if self.is_clean():
+            return _MaskGradient.apply(self.param, self.keep())
+        return self.param * self.keep()
+
+    def keep(self) -> torch.Tensor:
+        """The mask as 0/1 in the parameter's dtype and device (cached)."""
+        key = (self.mask._version, self.mask.data_ptr(), self.param.dtype, self.param.device)
+        if self._keep is None or self._keep_key != key:
+            self._keep = self.mask.to(dtype=self.param.dtype, device=self.param.device)
+            self._keep_key = key
+        return self._keep
 
     def is_clean(self) -> bool:
         """True when the stored pruned entries are known to be exactly zero."""
@@ -75,7 +93,7 @@ class MaskedParameter(nn.Module):
         """
         if not self._has_pruned or self.is_clean():
             return
-        self.param.data.mul_(self.mask)
+        self.param.data.mul_(self.keep())
         self._clean_version = self.param._version
 
     @torch.no_grad()
@@ -113,6 +131,7 @@ class MaskedParameter(nn.Module):
         # A copied or unpickled tensor has a fresh version counter: never trust the old one.
         super().__setstate__(state)
         self._clean_version = -1
+        self._keep = self._keep_key = None
 
     def extra_repr(self) -> str:
         kept = int(self.mask.sum())

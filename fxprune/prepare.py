@@ -100,6 +100,11 @@ def prepare(
         modules=modules,
     )
     gm.pruner = Pruner(cfg, plan, targets, report)
+    channel_pruners = [p.name for p in cfg.pruners if getattr(p, "pattern", "unstructured") == "channel"]
+    if channel_pruners:  # pattern: channel -- analyse channel dependencies once (fxprune.structured)
+        from fxprune.structured import attach_channel_plan
+
+        attach_channel_plan(gm, channel_pruners)
     if optimizer is not None:
         gm.pruner.attach(optimizer, steps_per_epoch=steps_per_epoch, replace=prepared_parameter_map(model, gm))
     gm.train(model.training)
