@@ -135,23 +135,27 @@ class Case:
     steps: int  # timed steps per variant per repeat (each timing covers this many steps)
 
 
-def resnet_case() -> Case:
-    """torchvision's resnet18 when importable (the model the issue's anchors use), else SmallResNet."""
+def resnet_case(batch: int = 16, size: int = 64) -> Case:
+    """torchvision's resnet18 when importable (the model the issue's anchors use), else SmallResNet.
+
+    The masks cost a fixed amount per weight while compute grows with batch x image size, so
+    the ratio falls as they grow: ``--cnn-batch`` / ``--cnn-size`` show it.
+    """
     try:
         from torchvision.models import resnet18  # optional extra
     except ImportError:
         return Case("resnet (SmallResNet)", "own CIFAR-style ResNet-14, batch 32x3x32x32 (torchvision missing)",
                     SmallResNet, lambda: (torch.randn(32, 3, 32, 32), torch.randint(0, 10, (32,))), 2)
-    return Case("resnet18", "torchvision resnet18 (weights=None, 10 classes), batch 16x3x64x64",
+    return Case("resnet18", f"torchvision resnet18 (weights=None, 10 classes), batch {batch}x3x{size}x{size}",
                 lambda: resnet18(weights=None, num_classes=10),
-                lambda: (torch.randn(16, 3, 64, 64), torch.randint(0, 10, (16,))), 1)
+                lambda: (torch.randn(batch, 3, size, size), torch.randint(0, 10, (batch,))), 1)
 
 
-def all_cases() -> list[Case]:
+def all_cases(cnn_batch: int = 16, cnn_size: int = 64) -> list[Case]:
     return [
         Case("mlp", "MLP 784-1024-1024-10, batch 256", MLP,
              lambda: (torch.randn(256, 784), torch.randint(0, 10, (256,))), 3),
-        resnet_case(),
+        resnet_case(cnn_batch, cnn_size),
         Case("transformer", "nn.TransformerEncoder 4x(d256, 4 heads, ffn 1024), batch 16x64 tokens",
              SmallTransformer, lambda: (torch.randn(16, 64, 256), torch.randint(0, 10, (16,))), 1),
     ]
@@ -330,6 +334,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
                         help="wall: elapsed time (what a user waits for); cpu: this process's CPU time, "
                              "steadier on a shared machine (use with --threads 1: idle threads spin)")
+    parser.add_argument("--cnn-batch", type=int, default=16, help="resnet18 batch size")
+    parser.add_argument("--cnn-size", type=int, default=64, help="resnet18 image size")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -341,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{args.repeats} interleaved "
           f"repeats; ratio = median over repeats of (variant / dense in the same repeat) [25th-75th pct]")
     rows = []
-    for case in all_cases():
+    for case in all_cases(args.cnn_batch, args.cnn_size):
         if args.only and not any(o in case.name for o in args.only):
             continue
         times, info = time_case(case, args.repeats, args.warmup, CLOCKS[args.clock])

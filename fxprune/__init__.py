@@ -6,6 +6,7 @@
 from fxprune.calibrate import calibrate
 from fxprune.config import PrunerConfig, PruningConfig, load_config
 from fxprune.convert import convert
+from fxprune.distributed import check_masks_consistent
 from fxprune.errors import ConfigError, PruningError, TraceError
 from fxprune.masked import MaskedParameter
 from fxprune.prepare import TraceFallbackWarning, prepare
@@ -20,6 +21,7 @@ __all__ = [
     "sparsity_report",
     "calibrate",
     "sensitivity",
+    "check_masks_consistent",
     "SensitivityTable",
     "Pruner",
     "PruningConfig",
