@@ -1,6 +1,7 @@
 """DistributedDataParallel on 2 CPU processes (gloo, loopback): identical masks on every rank."""
 from __future__ import annotations
 
+import gc
 import os
 import socket
 
@@ -46,6 +47,7 @@ def _worker(rank: int, port: int, out_dir: str, scenario: str) -> None:
                     zero &= pruned_entries_are_zero(prepared)
             check_masks_consistent(prepared.pruner)
             result["zero"] = zero
+            del model, opt  # release DDP's reducer (and its gloo work) before the group goes away
         elif scenario == "diverged":
             # Weights that differ per rank (as rank-local scores would) give different local masks;
             # the broadcast after the update makes every rank take rank 0's.
@@ -71,6 +73,8 @@ def _worker(rank: int, port: int, out_dir: str, scenario: str) -> None:
         result["step"] = int(prepared.pruner.step)
         result["goals"] = prepared.pruner.current_goals()
     finally:
+        gc.collect()
+        dist.barrier()
         dist.destroy_process_group()
     torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
 
