@@ -43,7 +43,7 @@ __all__ = [
 ]
 
 #: Policies a pruner may be declared under (``pruning.<policy>.<pruner>``).
-POLICY_NAMES = ("magnitude", "movement", "wanda")
+POLICY_NAMES = ("magnitude", "movement", "wanda", "lamp")
 
 #: Schedules (``schedule:``); the formulas live in :mod:`fxprune.schedules`.
 SCHEDULE_NAMES = ("linear", "cubic", "oneshot")

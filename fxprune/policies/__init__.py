@@ -12,6 +12,7 @@ policy is one small file plus one line here.
 from __future__ import annotations
 
 from fxprune.policies.base import Policy, PolicyNotReady
+from fxprune.policies.lamp import LampPolicy
 from fxprune.policies.magnitude import MagnitudePolicy
 from fxprune.policies.movement import MovementPolicy
 from fxprune.policies.wanda import WandaPolicy
@@ -22,4 +23,5 @@ POLICIES: dict[str, Policy] = {
     "magnitude": MagnitudePolicy(),
     "movement": MovementPolicy(),
     "wanda": WandaPolicy(),
+    "lamp": LampPolicy(),
 }
