@@ -212,3 +212,75 @@ def test_resnet18_end_to_end():
     assert 0.2 < n_params(shrunk) / n_params(model) < 0.3
     assert shrunk.layer1[0].conv1.out_channels == 32 and shrunk.fc.in_features == 256
     assert isinstance(shrunk, torchvision.models.ResNet)
+
+
+@settings(max_examples=25, deadline=None)
+@given(n=st.integers(1, 60), pairs=st.lists(st.tuples(st.integers(0, 59), st.integers(0, 59)), max_size=80))
+def test_connected_components_match_networkx(n, pairs):
+    import networkx as nx
+
+    from fxprune.structured.dependency import connected_components
+
+    pairs = [(a % n, b % n) for a, b in pairs]
+    label, count = connected_components(n, torch.tensor(pairs, dtype=torch.long).reshape(-1, 2).t())
+    g = nx.Graph()
+    g.add_nodes_from(range(n))
+    g.add_edges_from(pairs)
+    want = sorted(nx.connected_components(g), key=min)  # labels are ordered by smallest member
+    assert count == len(want)
+    for cid, comp in enumerate(want):
+        assert sorted(torch.nonzero(label == cid).reshape(-1).tolist()) == sorted(comp)
+
+
+class CatIntoGrouped(nn.Module):
+    """A concatenation feeding a grouped conv: cells (equal removal per conv group) and 'keep one per layer'."""
+
+    def __init__(self, ca: int, cb: int, g: int):
+        super().__init__()
+        self.a = nn.Conv2d(3, ca, 1)
+        self.b = nn.Conv2d(3, cb, 1)
+        self.grouped = nn.Conv2d(ca + cb, 2 * g, 3, padding=1, groups=g)
+        self.head = nn.Conv2d(2 * g, 4, 1)
+
+    def forward(self, x):
+        y = torch.cat([self.a(x), self.b(x)], 1)
+        return self.head(torch.relu(self.grouped(y))).mean((2, 3))
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    shape=st.sampled_from([(1, 3, 2), (2, 6, 2), (1, 7, 2), (3, 9, 3), (2, 2, 2), (4, 4, 4)]),
+    goal=st.sampled_from([0.5, 0.75, 0.9]),
+    weak_a=st.booleans(),
+    seed=st.integers(0, 1000),
+)
+def test_concat_into_grouped_conv_keeps_every_layer(shape, goal, weak_a, seed):
+    ca, cb, g = shape
+    torch.manual_seed(seed)
+    model = CatIntoGrouped(ca, cb, g)
+    if weak_a:  # the lowest channels are all of one concatenation input: the plain choice would empty it
+        with torch.no_grad():
+            model.a.weight.mul_(1e-3)
+    prepared, shrunk = prune_and_shrink(model, goal)
+    assert shrunk.a.out_channels >= 1 and shrunk.b.out_channels >= 1
+    assert shrunk.grouped.groups == g
+    assert shrunk.grouped.in_channels == shrunk.a.out_channels + shrunk.b.out_channels
+    assert shrunk.grouped.in_channels % g == 0
+    # Every conv group lost the same number of input channels.
+    cols = prepared.grouped.weight.mask.flatten(2).any(2)  # (out, in/g): kept columns per row
+    per_block = cols.reshape(g, -1, cols.shape[1]).any(1).sum(1)
+    assert per_block.eq(per_block[0]).all() and int(per_block[0]) == shrunk.grouped.in_channels // g
+    x = torch.randn(2, 3, 5, 5)
+    with torch.no_grad():
+        torch.testing.assert_close(shrunk(x), prepared(x), atol=1e-5, rtol=1e-5)
+
+
+def test_masks_that_empty_a_layer_are_refused_before_shrinking():
+    prepared = fxprune.prepare(MLP(3, 6), channel_config(0.5))
+    prepared.pruner.on_epoch_begin(0)
+    for layer in (prepared.fc1, prepared.fc2):
+        layer.weight.set_mask(torch.zeros_like(layer.weight.mask))
+    prepared.fc3.weight.set_mask(torch.zeros_like(prepared.fc3.weight.mask))
+    with pytest.raises(fxprune.PruningError, match=r"fc\d\.weight.*no channels left"):
+        fxprune.convert(prepared, physical=True)
+    assert prepared.fc1.weight.param.shape == (6, 3)  # the prepared model is untouched

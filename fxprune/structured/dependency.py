@@ -7,7 +7,7 @@ Vocabulary (after Torch-Pruning's, learned not copied):
 * a **dependency** says two atoms are the same channel (residual ``add``,
   BatchNorm, ReLU, depthwise conv, the ``x * se_scale`` of squeeze-excitation,
   a concatenation's input and output slices);
-* a **channel** is a connected component of atoms (networkx), and a **group**
+* a **channel** is a connected component of atoms (see :func:`connected_components`), and a **group**
   is a connected set of channels that share an activation -- all channels of
   the layer1 residual stream of a ResNet, say. The pruner's goal is met per
   group.
@@ -35,7 +35,6 @@ import operator
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
-import networkx as nx
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
@@ -85,11 +84,15 @@ class ChannelGroup:
     def size(self) -> int:
         return len(self.channels)
 
-    def local(self, channels: torch.Tensor) -> torch.Tensor:
-        """Global channel ids -> indices into :attr:`channels` (which is sorted)."""
+    def id_tensor(self) -> torch.Tensor:
+        """:attr:`channels` as a tensor (built once)."""
         if self.ids is None:
             self.ids = torch.tensor(self.channels, dtype=torch.long)
-        return torch.searchsorted(self.ids, channels)
+        return self.ids
+
+    def local(self, channels: torch.Tensor) -> torch.Tensor:
+        """Global channel ids -> indices into :attr:`channels` (which is sorted)."""
+        return torch.searchsorted(self.id_tensor(), channels)
 
     def weights(self) -> list[str]:
         return sorted({s.tensor for s in self.slices if s.is_weight})
@@ -103,8 +106,8 @@ class ChannelGroup:
 class ChannelGraph:
     """The result of the analysis: the groups, and the layers whose attributes follow their shapes.
 
-    The atom-level networkx graph is not kept: it is only needed to find
-    the components, and it would be copied with every prepared model.
+    The atom-level dependency pairs are not kept: they are only needed to
+    find the components, and they would be copied with every prepared model.
     """
 
     groups: list[ChannelGroup]
@@ -657,27 +660,16 @@ def build_channel_graph(
         an.run(graph, prefix)
 
     # Channels: atoms joined by dependencies.
-    g = nx.Graph()
-    g.add_nodes_from(range(an.n_atoms))
-    for e in an.edges:
-        g.add_edges_from(e.t().tolist())
-    channel_of = torch.empty(an.n_atoms, dtype=torch.long)
-    for cid, comp in enumerate(nx.connected_components(g)):
-        channel_of[list(comp)] = cid
-    n_channels = int(channel_of.max()) + 1 if an.n_atoms else 0
+    pairs = torch.cat(an.edges, 1) if an.edges else torch.empty(2, 0, dtype=torch.long)
+    channel_of, n_channels = connected_components(an.n_atoms, pairs)
 
     # Groups: channels sharing an activation or a tensor slice.
-    gg = nx.Graph()
-    gg.add_nodes_from(range(n_channels))
-    for atoms in an.members + [a for _, a in an.raw_slices]:
-        ch = channel_of[atoms].unique().tolist()
-        gg.add_edges_from(zip(ch[:-1], ch[1:]))
-    groups: list[ChannelGroup] = []
-    group_of = torch.empty(n_channels, dtype=torch.long)
-    for gid, comp in enumerate(sorted(nx.connected_components(gg), key=min)):
-        chans = sorted(comp)
-        group_of[chans] = gid
-        groups.append(ChannelGroup(gid, chans))
+    sets = an.members + [a for _, a in an.raw_slices]
+    group_of, n_groups = connected_components(n_channels, _star_edges([channel_of[a] for a in sets]))
+    order = torch.argsort(group_of, stable=True)  # channels by group, ascending within each
+    counts = torch.bincount(group_of, minlength=n_groups).tolist()
+    groups = [ChannelGroup(gid, chans.tolist(), ids=chans.clone())
+              for gid, chans in enumerate(torch.split(order, counts))]
     for s, atoms in an.raw_slices:
         ch = channel_of[atoms]
         s.channels = ch
@@ -689,6 +681,48 @@ def build_channel_graph(
                 grp.blockers.append(reason)
     _add_cells(groups, an.partitions, channel_of, group_of)
     return ChannelGraph(groups=groups, layer_attrs=an.layer_attrs)
+
+
+def connected_components(n: int, pairs: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Component label of each of ``n`` nodes joined by ``pairs`` (``(2, k)``); labels ordered by smallest member.
+
+    Vectorized union-find (min-label hooking with pointer jumping): every
+    round hooks each root onto the smallest root it is joined to, then
+    compresses the paths, so it needs a few tensor passes instead of a Python
+    step per atom. A resnet18 has some 20 000 channel atoms; building a
+    networkx graph of them took 70 ms, about a third of the whole pruning
+    pass. ``tests/test_structured.py`` checks this against
+    ``networkx.connected_components``.
+    """
+    parent = torch.arange(n)
+    if pairs.numel():
+        u, v = pairs[0], pairs[1]
+        while True:
+            ru, rv = parent[u], parent[v]  # roots: ``parent`` is fully compressed here
+            differ = ru != rv
+            if not bool(differ.any()):
+                break
+            lo, hi = torch.minimum(ru, rv)[differ], torch.maximum(ru, rv)[differ]
+            u, v = u[differ], v[differ]  # joined pairs stay joined: drop them
+            parent.scatter_reduce_(0, hi, lo, reduce="amin")  # parent[x] <= x always: no cycles
+            while True:
+                up = parent[parent]
+                if torch.equal(up, parent):
+                    break
+                parent = up
+    roots, label = torch.unique(parent, return_inverse=True)  # a root is its component's smallest node
+    return label, len(roots)
+
+
+def _star_edges(sets: list[torch.Tensor]) -> torch.Tensor:
+    """Pairs joining the first element of each set to every element of it (all of a set in one component)."""
+    sets = [s for s in sets if len(s)]
+    if not sets:
+        return torch.empty(2, 0, dtype=torch.long)
+    flat = torch.cat(sets)
+    sizes = torch.tensor([len(s) for s in sets])
+    first = torch.repeat_interleave(torch.stack([s[0] for s in sets]), sizes)
+    return torch.stack([first, flat])
 
 
 def _add_cells(groups: list[ChannelGroup], partitions: list[tuple[torch.Tensor, int]], channel_of: torch.Tensor,

@@ -33,16 +33,37 @@ NORMS = {"l1": 1, "l2": 2}
 
 
 def _per_position(t: torch.Tensor, s: Slice) -> torch.Tensor:
-    """Reduce ``t`` to one value per position of the slice: sum over the other entries (``any`` for masks)."""
-    reduce = (lambda x, dims: x.any(dim=dims)) if t.dtype == torch.bool else (lambda x, dims: x.sum(dim=dims))
-    if s.kind == OUT or s.kind == IN:
-        others = tuple(d for d in range(t.dim()) if d != s.dim)
-        return reduce(t, others) if others else t
+    """One value per position of the slice: the sum of ``t`` over its other entries (``any`` for masks).
+
+    Every reduction runs over a contiguous 2-D view -- along rows, or down
+    the columns -- and masks are read as bytes with ``amax``: on CPU that is
+    10-50x faster than ``any``/``sum`` over the strided kernel dims of a
+    conv weight, and this runs for every slice of every group on each mask
+    update and again in ``convert(physical=True)``.
+    """
+    if t.dtype == torch.bool and t.numel():
+        t = t.view(torch.uint8)
+
+        def reduce(x: torch.Tensor, dim: int) -> torch.Tensor:
+            return x.amax(dim=dim)
+    else:
+        def reduce(x: torch.Tensor, dim: int) -> torch.Tensor:
+            return x.sum(dim=dim)
+
+    t = t.contiguous()
+    if s.kind == OUT and s.dim != 0:  # e.g. a layer scale shaped (1, C, 1, 1)
+        t = t.movedim(s.dim, 0).contiguous()
+    if s.kind == OUT:
+        return reduce(t.reshape(t.shape[0], -1), 1) if t.dim() > 1 else t
+    rows = reduce(t.reshape(t.shape[0], -1), 0)  # (columns * kernel entries)
+    if s.kind == IN:
+        return reduce(rows.reshape(t.shape[1], -1), 1)
     if s.kind == IN_BLOCK:
-        return reduce(t.reshape(t.shape[0], t.shape[1] // s.block, s.block), (0, 2))
-    if s.kind == IN_GROUPED:
+        return reduce(rows.reshape(t.shape[1] // s.block, -1), 1)
+    if s.kind == IN_GROUPED:  # input p = column p % (C/g) of the rows of block p // (C/g)
         g = s.groups
-        return reduce(t.reshape(g, t.shape[0] // g, t.shape[1], -1), (1, 3)).reshape(-1)
+        per_block = reduce(t.reshape(g, t.shape[0] // g, -1), 1)  # (g, C/g * kernel entries)
+        return reduce(per_block.reshape(g * t.shape[1], -1), 1)
     raise AssertionError(s.kind)
 
 
@@ -87,26 +108,56 @@ def select_channels(
     ``removed`` (bool, local) are already-pruned channels: they stay removed
     and count towards the goal. ``keep_one`` lists the channels of each
     layer slice (a concatenation input, say); none may lose all of them.
+    Where the lowest channels would empty a layer, the next ones go instead;
+    with ``cells`` (grouped convolutions need the same number removed from
+    every cell) the count per cell is lowered until every cell reaches it
+    without emptying a layer, so the result is always shrinkable.
     """
     n = importance.numel()
-    cell_list = [list(range(n))] if cells is None else cells
-    out = removed.clone()
-    for cell in cell_list:
-        idx = torch.tensor(cell, dtype=torch.long)
-        k = min(int(math.floor(goal * len(cell) + 0.5)), len(cell) - 1)
-        already = int(removed[idx].sum())
-        if k <= already:
-            continue
+    cell_idx = [torch.arange(n)] if cells is None else [torch.tensor(c, dtype=torch.long) for c in cells]
+    orders = []
+    for idx in cell_idx:
         key = importance[idx].clone()
-        key[removed[idx]] = -math.inf
-        order = sorted(range(len(cell)), key=lambda i: (float(key[i]), i))
-        out[idx[order[:k]]] = True
-    if cells is None:  # every layer keeps a channel: un-remove its most important one (goal slightly missed)
-        for members in keep_one or ():
-            if bool(out[members].all()) and not bool(removed[members].all()):
-                cand = members[~removed[members]]
-                out[cand[importance[cand].argmax()]] = False
-    return out
+        key[removed[idx]] = -math.inf  # already removed: first in line, they count towards k
+        orders.append(idx[torch.sort(key, stable=True).indices])  # ties by channel order
+    k = max(min(int(math.floor(goal * len(idx) + 0.5)), len(idx) - 1) for idx in cell_idx)  # cells: equal sizes
+
+    out = removed.clone()
+    for order in orders:
+        out[order[:k]] = True
+    layers = [m for m in keep_one or () if len(m) and not bool(removed[m].all())]
+    if not any(bool(out[m].all()) for m in layers):
+        return out
+    return _select_keeping_layers(orders, removed, k, layers, exact_cells=cells is not None)
+
+
+def _select_keeping_layers(orders: list[torch.Tensor], removed: torch.Tensor, k: int, layers: list[torch.Tensor],
+                           exact_cells: bool) -> torch.Tensor:
+    """Greedy, lowest first, skipping a channel whose removal would empty a layer; the slow path, rarely taken."""
+    layers_of: dict[int, list[int]] = {}
+    for li, m in enumerate(layers):
+        for c in m.tolist():
+            layers_of.setdefault(c, []).append(li)
+    was = removed.tolist()
+    for target in range(k, -1, -1):
+        out = list(was)
+        left = [sum(1 for c in m.tolist() if not was[c]) for m in layers]
+        reached = True
+        for order in orders:
+            need = target - sum(1 for c in order.tolist() if was[c])
+            for c in order.tolist():
+                if need <= 0:
+                    break
+                if out[c] or any(left[li] <= 1 for li in layers_of.get(c, ())):
+                    continue
+                out[c] = True
+                for li in layers_of.get(c, ()):
+                    left[li] -= 1
+                need -= 1
+            reached &= need <= 0
+        if reached or not exact_cells:  # without cells, a shortfall is fine: the goal is slightly missed
+            return torch.tensor(out, dtype=torch.bool)
+    return removed.clone()
 
 
 def _mask_out(mask: torch.Tensor, s: Slice, channels: torch.Tensor) -> None:
@@ -162,7 +213,7 @@ def channel_masks(
         removed = kept_entries(plan, grp) == 0
         layers = [grp.local(s.channels).unique() for s in grp.slices if s.is_weight]
         drop = select_channels(imp, removed, goal, grp.cells, layers)
-        chans = torch.tensor(grp.channels, dtype=torch.long)[drop]
+        chans = grp.id_tensor()[drop]
         for s in grp.slices:
             if s.tensor in new:
                 _mask_out(new[s.tensor], s, chans)

@@ -25,31 +25,62 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from fxprune.errors import PruningError
 from fxprune.structured.analysis import ChannelPlan
-from fxprune.structured.dependency import IN, IN_BLOCK, IN_GROUPED, OUT
+from fxprune.structured.dependency import IN, IN_BLOCK, IN_GROUPED, OUT, Slice
 
 __all__ = ["removed_channels", "shrink"]
 
 
 def removed_channels(plan: ChannelPlan) -> dict[int, torch.Tensor]:
-    """Group index -> global ids of its removed channels, read from the prepared model's masks."""
+    """Group index -> global ids of its removed channels, read from the prepared model's masks.
+
+    Raises :class:`~fxprune.errors.PruningError` before anything is changed
+    if cutting them would leave a layer without channels, or a grouped
+    convolution with unequal conv groups (masks loaded from elsewhere, say;
+    the channel pattern itself never selects such a set).
+    """
     out = {}
     for gid in plan.eligible:
         grp = plan.channels.groups[gid]
         local = plan.removed(grp)
         if len(local):
-            out[gid] = torch.tensor(grp.channels, dtype=torch.long)[local]
+            out[gid] = grp.id_tensor()[local]
+            _check_shrinkable(plan, grp, out[gid])
     return out
+
+
+def _check_shrinkable(plan: ChannelPlan, grp, chans: torch.Tensor) -> None:
+    for s in grp.slices:
+        if not s.is_weight:
+            continue
+        hit = torch.isin(s.channels, chans)
+        shape = tuple(plan.masked[s.tensor].mask.shape) if s.tensor in plan.masked else None
+        if s.kind == IN_GROUPED and shape is not None:
+            per_block = torch.bincount(s.positions[hit] // shape[1], minlength=s.groups)
+            if not bool((per_block == per_block[0]).all()) or int(per_block[0]) >= shape[1]:
+                raise PruningError(
+                    f"convert(physical=True): {s.tensor}: the pruned channels would leave the {s.groups} conv groups "
+                    f"of this grouped convolution {[shape[1] - c for c in per_block.tolist()]} input channels; "
+                    "each needs the same, non-zero number"
+                )
+        elif len(hit) and bool(hit.all()) and (shape is None or len(s.channels) * s.block == shape[s.dim]):
+            raise PruningError(
+                f"convert(physical=True): {s.tensor}: every one of its {'input' if s.kind != OUT else 'output'} "
+                "channels is pruned; the layer would have no channels left"
+            )
 
 
 @torch.no_grad()
 def shrink(model: nn.Module, plan: ChannelPlan, removed: dict[int, torch.Tensor]) -> dict[str, tuple[tuple[int, ...], tuple[int, ...]]]:
     """Cut ``removed`` channels out of ``model`` in place; returns ``{tensor: (old shape, new shape)}``."""
-    # tensor name -> list of (slice, global channels to drop)
-    work: dict[str, list] = {}
+    n_channels = 1 + max((int(g.id_tensor()[-1]) for g in plan.channels.groups if g.size), default=-1)
+    gone = torch.zeros(n_channels, dtype=torch.bool)  # global channel id -> removed?
+    work: dict[str, list[Slice]] = {}  # tensor name -> its slices in groups that lose channels
     for gid, chans in removed.items():
+        gone[chans] = True
         for s in plan.channels.groups[gid].slices:
-            work.setdefault(s.tensor, []).append((s, chans))
+            work.setdefault(s.tensor, []).append(s)
     changed: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {}
     holders = _holders(model)
     for name, items in work.items():
@@ -57,24 +88,28 @@ def shrink(model: nn.Module, plan: ChannelPlan, removed: dict[int, torch.Tensor]
         owner = model.get_submodule(prefix) if prefix else model
         t = getattr(owner, attr)
         new = t.detach()
-        drop: dict[int, set[int]] = {}
+        keep: dict[int, torch.Tensor] = {}  # dim -> bool keep vector over the original positions
         # Grouped-conv columns first: they are addressed per block of the original rows.
-        for s, chans in items:
-            pos = s.positions[torch.isin(s.channels, chans)]
+        for s in items:
+            pos = s.positions[gone[s.channels]]
             if not len(pos):
                 continue
             if s.kind == IN_GROUPED:
-                new = _drop_grouped_columns(new, s.groups, pos)
-            elif s.kind == IN_BLOCK:
-                cols = (pos[:, None] * s.block + torch.arange(s.block)).reshape(-1)
-                drop.setdefault(1, set()).update(cols.tolist())
+                new = _drop_grouped_columns(new, s.groups, pos, name)
+                continue
+            dim = 1 if s.kind == IN_BLOCK else s.dim
+            if dim not in keep:
+                keep[dim] = torch.ones(new.shape[dim], dtype=torch.bool)
+            if s.kind == IN_BLOCK:
+                keep[dim].view(-1, s.block)[pos] = False
             else:
                 assert s.kind in (OUT, IN)
-                drop.setdefault(s.dim, set()).update(pos.tolist())
-        for dim, idx in drop.items():
-            keep = torch.tensor(sorted(set(range(new.shape[dim])) - idx), dtype=torch.long)
-            new = new.index_select(dim, keep)
-        new = new.contiguous().clone()
+                keep[dim][pos] = False
+        for dim, k in keep.items():
+            new = new.index_select(dim, k.nonzero().reshape(-1))
+        if new.data_ptr() == t.data_ptr():  # nothing cut: still the old storage
+            new = new.clone()
+        new = new.contiguous()
         changed[name] = (tuple(t.shape), tuple(new.shape))
         for mod, a in holders.get(id(t), [(owner, attr)]):
             if isinstance(t, nn.Parameter):
@@ -85,20 +120,20 @@ def shrink(model: nn.Module, plan: ChannelPlan, removed: dict[int, torch.Tensor]
     return changed
 
 
-def _drop_grouped_columns(w: torch.Tensor, groups: int, pos: torch.Tensor) -> torch.Tensor:
+def _drop_grouped_columns(w: torch.Tensor, groups: int, pos: torch.Tensor, name: str) -> torch.Tensor:
     """Grouped conv weight ``(out, in/g, ...)``: drop input ``p`` = column ``p % (in/g)`` of block ``p // (in/g)``."""
-    per_in = w.shape[1]
-    per_out = w.shape[0] // groups
-    by_block: dict[int, set[int]] = {}
-    for p in pos.tolist():
-        by_block.setdefault(p // per_in, set()).add(p % per_in)
-    counts = {len(by_block.get(j, ())) for j in range(groups)}
-    assert len(counts) == 1, "grouped conv: unequal removal per group (the plan's cells should prevent this)"
-    blocks = []
-    for j in range(groups):
-        keep = torch.tensor(sorted(set(range(per_in)) - by_block.get(j, set())), dtype=torch.long)
-        blocks.append(w[j * per_out:(j + 1) * per_out].index_select(1, keep))
-    return torch.cat(blocks, 0)
+    per_in, per_out = w.shape[1], w.shape[0] // groups
+    keep = torch.ones(groups, per_in, dtype=torch.bool)
+    keep.view(-1)[pos] = False
+    counts = keep.sum(1)
+    if not bool((counts == counts[0]).all()) or int(counts[0]) == 0:
+        raise PruningError(
+            f"convert(physical=True): {name}: the channels removed would leave the conv groups of this grouped "
+            f"convolution with {counts.tolist()} input channels; each group needs the same, non-zero number"
+        )
+    cols = keep.nonzero()[:, 1].reshape(groups, -1)  # kept columns of each block
+    rows = torch.arange(w.shape[0]).reshape(groups, per_out)
+    return w[rows[:, :, None], cols[:, None, :]].reshape(w.shape[0], -1, *w.shape[2:])
 
 
 def _holders(model: nn.Module) -> dict[int, list[tuple[nn.Module, str]]]:
