@@ -16,6 +16,10 @@ time of the pruning pass itself, interleaved and median of ``--passes``:
 Also checks that the shrunk model's output equals the masked model's.
 
     python benchmarks/structured_resnet18.py [--repeats 15] [--threads 2] [--passes 7]
+
+On a shared or loaded machine use ``--threads 1``: oversubscribed intra-op
+threads wait on each other and every latency becomes noise (seen here: 30 ms
+dense batch-1 latency with one thread, 950 ms with two on two busy cores).
 """
 from __future__ import annotations
 
