@@ -196,7 +196,8 @@ def _parse_section(section: Any, source: str | None) -> PruningConfig:
     known = list(SETTING_DEFAULTS) + list(POLICY_NAMES)
     for key in section:
         if key not in known:
-            raise ConfigError(_unknown(key, known, "key"), f"pruning.{key}", source)
+            what = "policy" if isinstance(section[key], Mapping) else "key"  # `snip: {p1: {...}}` reads as a policy
+            raise ConfigError(_unknown(key, known, what), f"pruning.{key}", source)
     globals_ = {k: section[k] for k in SETTING_DEFAULTS if k in section}
     for k, v in globals_.items():
         _check_setting(k, v, f"pruning.{k}", source)

@@ -29,6 +29,12 @@ class ParameterSparsity:
     def sparsity(self) -> float:
         return self.zeros / self.numel if self.numel else 0.0
 
+    def __getitem__(self, field: str) -> object:
+        """``row["sparsity"]`` as well as ``row.sparsity``."""
+        if field not in ("name", "shape", "numel", "zeros", "sparsity", "pruned"):
+            raise KeyError(field)
+        return getattr(self, field)
+
 
 @dataclass(frozen=True)
 class SparsityReport:
@@ -57,6 +63,20 @@ class SparsityReport:
             return None
         n = sum(r.numel for r in rows)
         return sum(r.zeros for r in rows) / n
+
+    @property
+    def overall(self) -> ParameterSparsity:
+        """Totals over every parameter, as one row named ``overall``."""
+        return ParameterSparsity("overall", (), self.numel, self.zeros, None)
+
+    def __iter__(self):
+        return iter(self.rows)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __contains__(self, name: object) -> bool:
+        return any(r.name == name for r in self.rows)
 
     def __getitem__(self, name: str) -> ParameterSparsity:
         for r in self.rows:

@@ -65,7 +65,8 @@ def test_typed_config_is_validated():
 
 
 BAD = [
-    ({"magnitud": {"p": {}}}, "pruning.magnitud", "did you mean 'magnitude'"),
+    ({"magnitud": {"p": {}}}, "pruning.magnitud", "unknown policy 'magnitud' \\(did you mean 'magnitude'"),
+    ({"snip": {"p": {}}}, "pruning.snip", "unknown policy 'snip'"),
     ({"magnitude": {"p": {}}, "target_sparsty": 0.5}, "pruning.target_sparsty", "did you mean 'target_sparsity'"),
     ({"magnitude": {"p": {"wieghts": ["raw.0"]}}}, "pruning.magnitude.p.wieghts", "did you mean 'weights'"),
     ({"magnitude": {"p": {"target_sparsity": 1.0}}}, "pruning.magnitude.p.target_sparsity", r"\[0, 1\)"),

@@ -33,6 +33,12 @@ def test_report_counts_match_tensors_on_prepared_and_converted(spec):
     pruned_numel = sum(r.numel for r in report.rows if r.pruned)
     assert abs(report.pruned_sparsity - sum(r.zeros for r in report.rows if r.pruned) / pruned_numel) < 1e-12
     assert plain.pruned_sparsity is None
+    assert len(report) == len(report.rows) and list(report) == list(report.rows)
+    first = report.rows[0]
+    assert first.name in report and "no.such.weight" not in report
+    assert report[first.name]["sparsity"] == first.sparsity and report[first.name]["zeros"] == first.zeros
+    assert (report.overall.numel, report.overall.zeros, report.overall.sparsity) == (
+        report.numel, report.zeros, report.sparsity)
     table = str(report)
     assert all(r.name in table for r in report.rows) and "TOTAL (pruned weights)" in table
     assert f"{report.sparsity:.4f}" in table
