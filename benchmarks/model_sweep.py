@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 import fxprune
+from fxprune.trace import output_tensors
 
 __all__ = ["Case", "CaseResult", "CASES", "run_case", "route_summary", "markdown_table", "main"]
 
@@ -203,25 +204,12 @@ CASES: dict[str, Case] = {
 
 
 # ----------------------------------------------------------------------------- checks
-def _tensors(out: Any) -> list[torch.Tensor]:
-    """Every tensor of a model output (tensors, tuples, lists, dicts, HF ModelOutputs), in order."""
-    if isinstance(out, torch.Tensor):
-        return [out]
-    if isinstance(out, dict):
-        return [t for v in out.values() for t in _tensors(v)]
-    if isinstance(out, (list, tuple)):
-        return [t for v in out for t in _tensors(v)]
-    if hasattr(out, "to_tuple"):
-        return _tensors(out.to_tuple())
-    return []  # caches and other non-tensor objects
-
-
 @torch.no_grad()
 def _eval_out(model: nn.Module, args: tuple, kwargs: dict) -> list[torch.Tensor]:
     was = model.training
     model.eval()
     try:
-        return [t.detach().float() for t in _tensors(model(*args, **kwargs))]
+        return [t.detach().float() for t in output_tensors(model(*args, **kwargs))]
     finally:
         model.train(was)
 
