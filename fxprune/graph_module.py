@@ -56,6 +56,15 @@ class PreparedGraphModule(fx.GraphModule):
         if isinstance(root, nn.Module):
             adopt_hierarchy(self, root)
 
+    def train(self, mode: bool = True) -> "PreparedGraphModule":
+        # The original root is not a child (its children are ours), but a graph that calls its
+        # forward (an untraceable root) must see the same mode.
+        super().train(mode)
+        original = self.__dict__.get("_fxprune_original")
+        if original is not None:
+            original.module.training = mode
+        return self
+
     def _deepcopy_init(self):
         return PreparedGraphModule.__init__
 

@@ -30,6 +30,7 @@ nodes (the module tree annotated with what each part became).
 """
 from __future__ import annotations
 
+import difflib
 import keyword
 import re
 from dataclasses import dataclass, field
@@ -315,28 +316,44 @@ def _trace_one(
     cap = Capture(name=prefix, module=module, spec=spec)
     modules = dict(module.named_modules())
     local_leaves = set(leaves)
-    for _ in range(len(modules) + 1):
+    def attempt(seen_output: list[type]) -> tuple[_Tracer, fx.Graph | None, Exception | None]:
         tracer = _Tracer(trace_through, local_leaves, leaf_types)
-        before = set(module.__dict__)
         original_cls = type(module)
-        seen_output: list[type] = []
         try:
             if spec is not None:
                 module.__class__ = _specialized_class(module, spec, seen_output)
                 tracer.traced_func_name = _SPECIALIZED
             try:
-                graph = tracer.trace(module, concrete_args=concrete_args if spec is None else None)
+                return tracer, tracer.trace(module, concrete_args=concrete_args if spec is None else None), None
             finally:
                 module.__class__ = original_cls
         except Exception as e:  # any failure of symbolic tracing: fall back, and say why
+            return tracer, None, e
+
+    for _ in range(len(modules) + 1):
+        before = set(module.__dict__)
+        seen_output: list[type] = []
+        tracer, graph, error = attempt(seen_output)
+        if error is None:
+            # A forward that reads ``self.training`` is baked into the graph in the current mode
+            # only: trace in the other mode too, and keep as a leaf whatever differs.
+            culprit = _mode_dependent(module, graph, lambda: attempt([]))
+            if culprit is not None:
+                error = RuntimeError("its forward differs between train() and eval() (it reads self.training)")
+        else:
+            culprit = tracer.culprit
+        if error is not None:
             for name in set(module.__dict__) - before:
                 del module.__dict__[name]
-            reason = f"{type(e).__name__}: {e}".splitlines()[0][:300]
-            culprit = tracer.culprit
+            reason = f"{type(error).__name__}: {error}".splitlines()[0][:300]
             if not culprit or id(modules[culprit]) in local_leaves:
                 return cap, reason
-            local_leaves.add(id(modules[culprit]))
-            cap.leaves[_join(prefix, culprit)] = reason
+            # A forward that depends on the mode does so for every instance of its class
+            # (stochastic depth, drop path): make them all leaves at once instead of one per retrace.
+            same = [n for n, m in modules.items() if type(m) is type(modules[culprit])] if graph is not None else [culprit]
+            for name in same:
+                local_leaves.add(id(modules[name]))
+                cap.leaves[_join(prefix, name)] = reason
             continue
         cap.graph = graph
         if seen_output and issubclass(seen_output[-1], dict) and seen_output[-1] is not dict:
@@ -346,6 +363,49 @@ def _trace_one(
                 cap.constants[name] = module.__dict__.pop(name)
         return cap, None
     raise AssertionError("fallback loop did not converge")  # each round adds a new leaf
+
+
+def _mode_dependent(module: nn.Module, graph: fx.Graph, retrace: Any) -> str | None:
+    """``None`` if tracing in the other train/eval mode gives the same graph; else the module to make a leaf.
+
+    The culprit is the innermost traced-through module of the first node that
+    differs ("" for the module's own forward). The other trace's tensor
+    constants are dropped; every module's mode is restored.
+    """
+    modes = [(m, m.training) for m in module.modules()]
+    before = set(module.__dict__)
+    module.train(not module.training)
+    try:
+        _, other, error = retrace()
+    finally:
+        for m, mode in modes:
+            m.training = mode
+        for name in set(module.__dict__) - before:
+            del module.__dict__[name]
+    if error is not None:
+        return ""
+    mine, theirs = [_signature(n) for n in graph.nodes], [_signature(n) for n in other.nodes]
+    for tag, i1, i2, j1, j2 in difflib.SequenceMatcher(None, mine, theirs, autojunk=False).get_opcodes():
+        if tag != "equal":
+            stack = (mine[i1:i2] or theirs[j1:j2])[0][2]
+            return _relative(module, stack[-1]) if stack else ""
+    return None
+
+
+def _signature(node: fx.Node) -> tuple:
+    """What a node does, and inside which module, with references to other nodes blanked out."""
+    def blank(a: Any) -> Any:
+        return "%" if isinstance(a, fx.Node) else a
+
+    stack = tuple(q for q, _ in (node.meta.get("nn_module_stack") or {}).values())
+    args = fx.node.map_aggregate(node.args, blank), fx.node.map_aggregate(node.kwargs, blank)
+    return (node.op, str(node.target), stack, repr(args))
+
+
+def _relative(module: nn.Module, qualname: str) -> str:
+    """The tracer's module-stack names are relative to the traced module already; keep them valid."""
+    names = dict(module.named_modules())
+    return qualname if qualname in names else ""
 
 
 def capture_model(

@@ -151,3 +151,57 @@ def test_torch_save_of_whole_prepared_model():
     torch.testing.assert_close(loaded(x), prepared(x), rtol=0, atol=0)
     assert list(loaded.state_dict()) == list(prepared.state_dict())
     assert loaded.pruner.current_goals() == prepared.pruner.current_goals()
+
+
+class TrainOnly(nn.Module):
+    """Reads self.training: a graph traced in one mode would be wrong in the other."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        y = self.fc(x)
+        return y * 2 if self.training else y
+
+
+class ModeNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+        self.mode = TrainOnly()
+        self.b = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.b(self.mode(torch.relu(self.a(x))))
+
+
+class ModeRoot(ModeNet):
+    def forward(self, x):
+        x = self.a(x)
+        if self.training:
+            x = x + 1
+        return self.b(x)
+
+
+@pytest.mark.parametrize("cls,leaves,traced", [(ModeNet, ["mode"], True), (ModeRoot, [], False)])
+@pytest.mark.parametrize("prepare_in_train_mode", [True, False])
+def test_forward_reading_self_training_is_right_in_both_modes(cls, leaves, traced, prepare_in_train_mode):
+    torch.manual_seed(0)
+    model = cls().train(prepare_in_train_mode)
+    x = torch.randn(3, 4)
+    with pytest.warns(fxprune.TraceFallbackWarning):
+        prepared = fxprune.prepare(model, CONFIG)
+    report = prepared.pruner.prepare_report
+    assert list(report.fallback_leaves) == leaves and report.traced == traced
+    assert all("train() and eval()" in r for r in report.fallback_leaves.values())
+    for mode in (True, False, True):
+        model.train(mode)
+        prepared.train(mode)
+        torch.testing.assert_close(prepared(x), model(x), rtol=0, atol=1e-6)
+    prepared.pruner.on_epoch_begin(0)
+    for mode in (False, True):
+        prepared.train(mode)
+        converted = fxprune.convert(prepared)
+        assert converted.training == mode
+        torch.testing.assert_close(converted(x), prepared(x), rtol=0, atol=1e-6)
