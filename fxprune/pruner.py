@@ -272,8 +272,9 @@ class Pruner(nn.Module):
             goal = goals[p.name]
             if goal <= float(self.goals[i]):
                 continue
-            group = [t.masked for t in self.targets if t.pruner == p.name]
-            scores = [self._policy_scores(p, t) for t in self.targets if t.pruner == p.name]
+            mine = [t for t in self.targets if t.pruner == p.name]
+            group = [t.masked for t in mine]
+            scores = [self._policy_scores(p, t) for t in mine]
             for m, mask in zip(group, select_masks(p, group, scores, goal)):
                 m.set_mask(mask)
             changed.extend(group)

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from fxprune.masked import MaskedParameter
+from fxprune.rewrite import original_parameter_order
 
 __all__ = ["ParameterSparsity", "SparsityReport", "sparsity_report", "PrepareReport"]
 
@@ -122,11 +123,12 @@ def sparsity_report(model: nn.Module) -> SparsityReport:
     seen: set[int] = set()
     prepared = any(isinstance(m, MaskedParameter) for m in model.modules())
     # On a prepared model, list each module's parameters in their original order.
-    original_order: dict[int, list[str]] = {}
     original_root = getattr(getattr(model, "_fxprune_original", None), "module", None)
-    for t in getattr(getattr(model, "pruner", None), "targets", []):
-        for (owner, _), order in zip(t.owners, t.orders):
-            original_order.setdefault(id(model) if owner is original_root else id(owner), order)
+    targets = getattr(getattr(model, "pruner", None), "targets", [])
+    original_order = {
+        id(model) if owner is original_root else key: names
+        for key, (owner, names) in original_parameter_order(targets).items()
+    }
     for prefix, module in model.named_modules(remove_duplicate=False):
         if isinstance(module, MaskedParameter):
             continue

@@ -33,7 +33,7 @@ from fxprune.masked import MaskedParameter
 from fxprune.plan import PruningPlan
 from fxprune.trace import Capture, CaptureResult
 
-__all__ = ["InstalledTarget", "install_masks", "LeafMasks", "restore_parameters", "remove_leaf_hooks"]
+__all__ = ["InstalledTarget", "install_masks", "LeafMasks", "original_parameter_order", "restore_parameters", "remove_leaf_hooks"]
 
 
 @dataclass
@@ -217,16 +217,27 @@ def _walk(start: nn.Module, stop: set[int]):
             stack.append(child)
 
 
+def original_parameter_order(targets: list[InstalledTarget]) -> dict[int, tuple[nn.Module, list[str]]]:
+    """``id(owner) -> (owner, its parameter names in their original order)`` for every owner of a target.
+
+    The first record of an owner was taken before any of its parameters moved, so it is complete.
+    """
+    order: dict[int, tuple[nn.Module, list[str]]] = {}
+    for it in targets:
+        for (owner, _), names in zip(it.owners, it.orders):
+            order.setdefault(id(owner), (owner, names))
+    return order
+
+
 def restore_parameters(targets: list[InstalledTarget]) -> None:
     """Fold masks into plain parameters at every owner (the inverse of :func:`install_masks`)."""
-    original_order: dict[int, tuple[nn.Module, list[str]]] = {}
+    original_order = original_parameter_order(targets)
     for it in targets:
         folded = nn.Parameter(it.masked.folded(), requires_grad=it.masked.param.requires_grad)
-        for (owner, attr), order in zip(it.owners, it.orders):
+        for owner, attr in it.owners:
             owner.__dict__.pop(attr, None)
             owner._modules.pop(attr, None)
             owner._parameters[attr] = folded
-            original_order.setdefault(id(owner), (owner, order))  # first record: taken before any move
     for owner, order in original_order.values():
         for name in order + [n for n in list(owner._parameters) if n not in order]:
             if name in owner._parameters:

@@ -346,7 +346,7 @@ def _trace_one(
             for name in set(module.__dict__) - before:
                 del module.__dict__[name]
             reason = f"{type(error).__name__}: {error}".splitlines()[0][:300]
-            if not culprit or id(modules[culprit]) in local_leaves:
+            if not culprit or culprit not in modules or id(modules[culprit]) in local_leaves:
                 return cap, reason
             # A forward that depends on the mode does so for every instance of its class
             # (stochastic depth, drop path): make them all leaves at once instead of one per retrace.
@@ -388,7 +388,7 @@ def _mode_dependent(module: nn.Module, graph: fx.Graph, retrace: Any) -> str | N
     for tag, i1, i2, j1, j2 in difflib.SequenceMatcher(None, mine, theirs, autojunk=False).get_opcodes():
         if tag != "equal":
             stack = (mine[i1:i2] or theirs[j1:j2])[0][2]
-            return _relative(module, stack[-1]) if stack else ""
+            return stack[-1] if stack else ""  # module-stack names are relative to ``module``
     return None
 
 
@@ -400,12 +400,6 @@ def _signature(node: fx.Node) -> tuple:
     stack = tuple(q for q, _ in (node.meta.get("nn_module_stack") or {}).values())
     args = fx.node.map_aggregate(node.args, blank), fx.node.map_aggregate(node.kwargs, blank)
     return (node.op, str(node.target), stack, repr(args))
-
-
-def _relative(module: nn.Module, qualname: str) -> str:
-    """The tracer's module-stack names are relative to the traced module already; keep them valid."""
-    names = dict(module.named_modules())
-    return qualname if qualname in names else ""
 
 
 def capture_model(
