@@ -60,13 +60,17 @@ class MaskedParameter(nn.Module):
         self._has_pruned = False  # all-True mask: the forward is the parameter itself
         self._keep: torch.Tensor | None = None  # float copy of the mask, see keep()
         self._keep_key: tuple | None = None
+        self.forward_mask_versions: set[int] = set()  # read and cleared by fxprune.zero_preserving
 
     def forward(self) -> torch.Tensor:
-        if not self._has_pruned:
-            return self.param
         # Compiled graphs always multiply: the version-counter check is eager-only Python state.
         if torch.compiler.is_compiling():
-            return self.param * self.mask
+            return self.param * self.mask if self._has_pruned else self.param
+        # Which masks the gradients now being built are masked with (a gradient from a forward
+        # before a mask update is not zero at the newly pruned entries).
+        self.forward_mask_versions.add(self.mask._version)
+        if not self._has_pruned:
+            return self.param
         if self.is_clean():
             return _MaskGradient.apply(self.param, self.keep())
         return self.param * self.keep()
@@ -82,6 +86,13 @@ class MaskedParameter(nn.Module):
             self._keep = self.mask.view(torch.uint8).to(dtype=self.param.dtype, device=self.param.device)
             self._keep_key = key
         return self._keep
+
+    def mark_clean(self) -> None:
+        """Declare the stored pruned entries exactly zero without a pass over them.
+
+        Only for callers that proved it (:mod:`fxprune.zero_preserving`).
+        """
+        self._clean_version = self.param._version
 
     def is_clean(self) -> bool:
         """True when the stored pruned entries are known to be exactly zero."""

@@ -48,6 +48,7 @@ from fxprune.policies import POLICIES, PolicyNotReady
 from fxprune.report import PrepareReport
 from fxprune.rewrite import InstalledTarget
 from fxprune.schedules import sparsity_at
+from fxprune.zero_preserving import ZeroPreservingSteps
 
 __all__ = ["Pruner", "find_pruner", "prepared_parameter_map"]
 
@@ -70,7 +71,7 @@ class Pruner(nn.Module):
         self.sync_masks = True
         self.process_group = None
         self.steps_per_epoch: int | None = None
-        self._optimizers: list[tuple[torch.optim.Optimizer, RemovableHandle]] = []
+        self._optimizers: list[_Attachment] = []
         self.register_buffer("epoch", torch.tensor(-1, dtype=torch.long))
         self.register_buffer("step", torch.tensor(0, dtype=torch.long))
         self.register_buffer("goals", torch.zeros(len(self.pruner_configs), dtype=torch.float64))
@@ -147,7 +148,7 @@ class Pruner(nn.Module):
             isinstance(steps_per_epoch, bool) or not isinstance(steps_per_epoch, int) or steps_per_epoch < 1
         ):
             raise ValueError(f"steps_per_epoch must be a positive integer or None, got {steps_per_epoch!r}")
-        if any(o is optimizer for o, _ in self._optimizers):
+        if any(a.optimizer is optimizer for a in self._optimizers):
             raise PruningError("this optimizer is already attached to the pruner")
         held = [p for g in optimizer.param_groups for p in g["params"]]
         if replace is not None:
@@ -167,25 +168,30 @@ class Pruner(nn.Module):
             _repoint(optimizer, replace)
         if not self._optimizers:
             self.steps_per_epoch = steps_per_epoch
+        attachment = _Attachment(optimizer, ZeroPreservingSteps(optimizer, [t.masked for t in self.targets]))
+        attachment.handles.append(optimizer.register_step_pre_hook(attachment.before_step))
         handle = optimizer.register_step_post_hook(self._after_optimizer_step)
-        self._optimizers.append((optimizer, handle))
-        if steps_per_epoch is not None and self._optimizers[0][0] is optimizer:
+        attachment.handles.append(handle)
+        attachment.handles.append(optimizer.register_load_state_dict_post_hook(self._after_optimizer_load))
+        self._optimizers.append(attachment)
+        if steps_per_epoch is not None and self._optimizers[0].optimizer is optimizer:
             self.epoch.fill_(int(self.step) // steps_per_epoch)
+        self._zero_optimizer_state([t.masked for t in self.targets], [optimizer])  # state from before attach
         self.update_masks()
         self.apply_masks()
         return handle
 
     def detach(self, optimizer: torch.optim.Optimizer | None = None) -> None:
         """Stop driving the schedule from ``optimizer`` (default: from every attached optimizer)."""
-        for o, handle in self._optimizers:
-            if optimizer is None or o is optimizer:
-                handle.remove()
-        self._optimizers = [(o, h) for o, h in self._optimizers if optimizer is not None and o is not optimizer]
+        for a in self._optimizers:
+            if optimizer is None or a.optimizer is optimizer:
+                a.remove()
+        self._optimizers = [a for a in self._optimizers if optimizer is not None and a.optimizer is not optimizer]
 
     @property
     def optimizers(self) -> list[torch.optim.Optimizer]:
         """The attached optimizers (not saved, not copied: attach again after loading or copying)."""
-        return [o for o, _ in self._optimizers]
+        return [a.optimizer for a in self._optimizers]
 
     def _after_optimizer_step(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
         # Optimizers that handle AMP scaling themselves (fused Adam/SGD) are called by GradScaler
@@ -193,8 +199,10 @@ class Pruner(nn.Module):
         found_inf = getattr(optimizer, "found_inf", None)
         if found_inf is not None and bool(found_inf):
             return
-        self.apply_masks()
-        if optimizer is not self._optimizers[0][0]:
+        attachment = next(a for a in self._optimizers if a.optimizer is optimizer)
+        attachment.steps.after_step()  # re-zero what the step moved (skipped where provably a no-op)
+        self.apply_masks()  # parameters of other optimizers, or edited outside any step
+        if optimizer is not self._optimizers[0].optimizer:
             return
         self.observe_gradients()
         self.step += 1
@@ -208,13 +216,21 @@ class Pruner(nn.Module):
             )
         self.update_masks()
 
+    def _after_optimizer_load(self, optimizer: torch.optim.Optimizer) -> None:
+        # A loaded state may come from before pruning: its moments would move pruned weights again.
+        self._zero_optimizer_state([t.masked for t in self.targets], [optimizer])
+
     @torch.no_grad()
-    def _zero_optimizer_state(self, masked: list[MaskedParameter]) -> None:
-        for optimizer in self.optimizers:
+    def _zero_optimizer_state(self, masked: list[MaskedParameter],
+                              optimizers: list[torch.optim.Optimizer] | None = None) -> None:
+        for optimizer in self.optimizers if optimizers is None else optimizers:
             for m in masked:
                 for value in optimizer.state.get(m.param, {}).values():
                     if torch.is_tensor(value) and value.shape == m.mask.shape:
                         value.mul_(m.mask)
+            for att in self._optimizers:
+                if att.optimizer is optimizer:
+                    att.steps.state_zeroed(masked)
 
     # ---------------------------------------------------------- mask control
     def _time(self, p: PrunerConfig, epoch: int | None, step: int | None) -> int | None:
@@ -358,3 +374,20 @@ def _repoint(optimizer: torch.optim.Optimizer, replace: Mapping[int, nn.Paramete
     optimizer.state.clear()
     for p, s in state:
         optimizer.state[replace.get(id(p), p)] = s
+
+
+class _Attachment:
+    """One attached optimizer: its hooks and its re-zeroing after each step."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, steps: ZeroPreservingSteps):
+        self.optimizer = optimizer
+        self.steps = steps
+        self.handles: list[RemovableHandle] = []
+
+    def before_step(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
+        self.steps.before_step()
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.steps.remove()
