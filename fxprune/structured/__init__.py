@@ -4,6 +4,8 @@
 
 * :mod:`~fxprune.structured.dependency` -- channel atoms, dependencies and groups over the fx graph
   (connected components by a vectorized union-find);
+* :mod:`~fxprune.structured.attention` -- multi-head attention modules recognised and proven, so that
+  whole heads are channels;
 * :mod:`~fxprune.structured.analysis` -- the plan of a prepared model: which pruner prunes which group,
   and a report of what cannot be pruned and why;
 * :mod:`~fxprune.structured.importance` -- group importance (L1/L2 over coupled slices) and channel masks;

@@ -16,7 +16,13 @@ import torch.fx as fx
 from torch import nn
 
 from fxprune.masked import MaskedParameter
-from fxprune.structured.dependency import ChannelGraph, ChannelGroup, build_channel_graph, trace_for_channels
+from fxprune.structured.dependency import (
+    AttentionMemo,
+    ChannelGraph,
+    ChannelGroup,
+    build_channel_graph,
+    trace_for_channels,
+)
 
 __all__ = ["ChannelPlan", "ChannelReport", "attach_channel_plan", "channel_plan_of", "channel_report"]
 
@@ -125,8 +131,9 @@ def attach_channel_plan(prepared: fx.GraphModule, channel_pruners: list[str] | t
             return t.param
         return t if isinstance(t, torch.Tensor) else None
 
-    graphs = list(_graphs(prepared))
-    cg = build_channel_graph(prepared, graphs, tensor_of)
+    attention = AttentionMemo()  # proven once, used by the tracer (as leaves) and by the analysis
+    graphs = list(_graphs(prepared, attention))
+    cg = build_channel_graph(prepared, graphs, tensor_of, attention)
 
     # Canonical names for masked tensors reached under an alias (tied weights).
     for grp in cg.groups:
@@ -169,19 +176,38 @@ def attach_channel_plan(prepared: fx.GraphModule, channel_pruners: list[str] | t
     return plan
 
 
-def _graphs(prepared: fx.GraphModule):
+def _graphs(prepared: fx.GraphModule, attention: AttentionMemo):
     """The prepared graph, plus fx traces of the leaves (or the root) that hide pruned weights."""
     report = prepared.pruner.prepare_report
     if report.traced:
-        yield prepared.graph, ""
         hidden = list(report.fallback_leaves)
+        yield _root_graph(prepared, attention, hidden), ""
     else:
         hidden = [""]
     for name in hidden:
-        yield from _trace_down(prepared, name)
+        yield from _trace_down(prepared, name, attention)
 
 
-def _trace_down(prepared: nn.Module, name: str):
+def _root_graph(prepared: fx.GraphModule, attention: AttentionMemo, leaves: list[str]) -> fx.Graph:
+    """``prepare``'s graph, or a trace with attention modules kept whole where the model has proven ones.
+
+    ``prepare`` traces through every module that owns pruned weights, so its
+    graph has no attention module boundaries left, and a head is only a
+    reshape there. The alternative trace keeps the same fallback leaves (they
+    are analysed on their own); if it fails, heads are simply not pruned.
+    """
+    root = prepared._fxprune_original.module
+    if any(attention(m) is not None for m in root.modules()):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                return trace_for_channels(root, attention=attention, leaves=set(leaves))
+        except Exception:  # noqa: BLE001 - keep prepare's graph
+            pass
+    return prepared.graph
+
+
+def _trace_down(prepared: nn.Module, name: str, attention: AttentionMemo):
     """Trace a module for the analysis; if it cannot be traced, its children one by one."""
     module = prepared.get_submodule(name) if name else prepared._fxprune_original.module
     if name:
@@ -189,11 +215,11 @@ def _trace_down(prepared: nn.Module, name: str):
             try:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
-                    graph = trace_for_channels(module, first_input_only=first_input_only)
+                    graph = trace_for_channels(module, first_input_only=first_input_only, attention=attention)
             except Exception:  # noqa: BLE001 - untraceable: try the next way, then look inside
                 continue
             yield graph, name + "."
             return
     for child, _ in module.named_children():
         if any(isinstance(m, MaskedParameter) for m in module.get_submodule(child).modules()):
-            yield from _trace_down(prepared, f"{name}.{child}" if name else child)
+            yield from _trace_down(prepared, f"{name}.{child}" if name else child, attention)

@@ -40,6 +40,8 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
+from fxprune.structured.attention import AttentionSpec, attention_spec
+
 __all__ = ["Slice", "ChannelGroup", "ChannelGraph", "build_channel_graph", "trace_for_channels"]
 
 # Slice kinds: how a group's channels index a tensor.
@@ -47,6 +49,7 @@ OUT = "out"  # positions along ``dim`` (rows of a producer, BN entries, layer sc
 IN = "in"  # columns of a conv / linear weight (dim 1)
 IN_BLOCK = "in_block"  # flatten -> linear: channel c is columns [c*s, (c+1)*s)
 IN_GROUPED = "in_grouped"  # grouped conv: input p is column p % (C/g) of the rows of block p // (C/g)
+OUT_BLOCK = "out_block"  # attention heads: channel c is rows [c*s, (c+1)*s) of a projection (or bias entries)
 
 
 @dataclass
@@ -54,9 +57,9 @@ class Slice:
     """Where the channels of one group live in one model tensor (parameter or buffer).
 
     ``channels[i]`` (a channel id of the group) sits at ``positions[i]`` along
-    ``dim`` of ``tensor``; for ``in_block`` each position is a block of
-    ``block`` columns, for ``in_grouped`` the tensor is a conv weight with
-    ``groups`` groups.
+    ``dim`` of ``tensor``; for ``in_block`` / ``out_block`` each position is a
+    block of ``block`` columns / rows, for ``in_grouped`` the tensor is a conv
+    weight with ``groups`` groups.
     """
 
     tensor: str
@@ -112,19 +115,21 @@ class ChannelGraph:
 
     groups: list[ChannelGroup]
     layer_attrs: dict[str, str]  # module name -> 'conv' | 'linear' | 'bn'
+    attention: dict[str, AttentionSpec] = field(default_factory=dict)  # module name -> its heads' layout
 
 
 # --------------------------------------------------------------------- tracing
 class _ChannelTracer(fx.Tracer):
     """Plain fx tracing with torch.nn layers as leaves; remembers the innermost module whose forward raised."""
 
-    def __init__(self, leaves: set[str]):
+    def __init__(self, leaves: set[str], attention: AttentionMemo):
         super().__init__()
         self.leaves = leaves
+        self.attention = attention
         self.culprit: str | None = None
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return qualname in self.leaves or super().is_leaf_module(m, qualname)
+        return qualname in self.leaves or super().is_leaf_module(m, qualname) or self.attention(m) is not None
 
     def call_module(self, m: nn.Module, forward: Any, args: tuple, kwargs: dict) -> Any:
         try:
@@ -135,11 +140,33 @@ class _ChannelTracer(fx.Tracer):
             raise
 
 
-def _trace_with_leaves(module: nn.Module) -> fx.Graph:
-    """Trace, turning each submodule whose forward cannot be traced into a leaf (it blocks its channels)."""
-    leaves: set[str] = set()
+class AttentionMemo:
+    """:func:`~fxprune.structured.attention.attention_spec` of each module, proven once per analysis."""
+
+    def __init__(self) -> None:
+        self._specs: dict[int, AttentionSpec | None] = {}
+        self._alive: list[nn.Module] = []  # ids stay valid while the analysis runs
+
+    def __call__(self, m: nn.Module) -> AttentionSpec | None:
+        key = id(m)
+        if key not in self._specs:
+            self._specs[key] = attention_spec(m)
+            self._alive.append(m)
+        return self._specs[key]
+
+
+def _trace_with_leaves(module: nn.Module, attention: AttentionMemo, leaves: set[str] | None = None) -> fx.Graph:
+    """Trace, turning each submodule whose forward cannot be traced into a leaf (it blocks its channels).
+
+    Proven attention modules are leaves too: the analysis handles their heads.
+    They are proven before tracing starts, because the proof runs the module
+    and fx intercepts every module call while it traces.
+    """
+    for m in module.modules():
+        attention(m)
+    leaves = set(leaves or ())
     while True:
-        tracer = _ChannelTracer(leaves)
+        tracer = _ChannelTracer(leaves, attention)
         try:
             return tracer.trace(module)
         except Exception:
@@ -159,7 +186,8 @@ class _FirstInput(nn.Module):
         return self.m(x)
 
 
-def trace_for_channels(module: nn.Module, *, first_input_only: bool = False) -> fx.Graph:
+def trace_for_channels(module: nn.Module, *, first_input_only: bool = False,
+                       attention: AttentionMemo | None = None, leaves: set[str] | None = None) -> fx.Graph:
     """Trace ``module`` for the analysis alone (used for submodules of an untraceable root).
 
     ``first_input_only`` traces ``module(x)`` with every other argument at
@@ -168,9 +196,10 @@ def trace_for_channels(module: nn.Module, *, first_input_only: bool = False) -> 
     does not reach are not analysed, and the module's own output still
     blocks its channels, so a different path could only reuse unpruned ones.
     """
+    attention = attention or AttentionMemo()
     if not first_input_only:
-        return _trace_with_leaves(module)
-    graph = _trace_with_leaves(_FirstInput(module))
+        return _trace_with_leaves(module, attention, leaves)
+    graph = _trace_with_leaves(_FirstInput(module), attention)
     for node in graph.nodes:
         if node.op in ("call_module", "get_attr"):
             assert node.target.startswith("m."), node.target
@@ -192,6 +221,28 @@ class _Chan:
 @dataclass
 class _ShapeOf:
     chan: _Chan
+
+
+@dataclass
+class _Tuple:
+    """A module output that is a tuple (``(context, attention weights)`` of an attention module)."""
+
+    items: tuple
+
+
+def _chans(v: Any) -> list[_Chan]:
+    """Every tracked activation inside a value (for blocking what an unknown consumer reads)."""
+    if isinstance(v, _Chan):
+        return [v]
+    if isinstance(v, _ShapeOf):
+        return [v.chan]
+    if isinstance(v, _Tuple):
+        return [c for item in v.items for c in _chans(item)]
+    if isinstance(v, (list, tuple)):
+        return [c for item in v for c in _chans(item)]
+    if isinstance(v, dict):
+        return [c for item in v.values() for c in _chans(item)]
+    return []
 
 
 _UNARY_FUNCS: set[Any] = {
@@ -242,9 +293,11 @@ def _elementwise_module_types() -> tuple[type, ...]:
 class _Analysis:
     """One walk over one graph; atoms, dependency edges, slices and blockers accumulate here."""
 
-    def __init__(self, root: nn.Module, tensor_of: Callable[[str], torch.Tensor | None]):
+    def __init__(self, root: nn.Module, tensor_of: Callable[[str], torch.Tensor | None], attention: AttentionMemo):
         self.root = root
         self.tensor_of = tensor_of  # dotted name -> tensor (None if not a tensor of the model)
+        self.attention_memo = attention
+        self.attention: dict[str, AttentionSpec] = {}
         self.n_atoms = 0
         self.edges: list[torch.Tensor] = []  # (2, k) pairs of coupled atoms
         self.members: list[torch.Tensor] = []  # atoms that share one activation (same group)
@@ -286,11 +339,8 @@ class _Analysis:
 
     def block_inputs(self, node: fx.Node, env: dict[fx.Node, Any], reason: str) -> None:
         for inp in node.all_input_nodes:
-            v = env.get(inp)
-            if isinstance(v, _Chan):
-                self.block(v.atoms, reason)
-            elif isinstance(v, _ShapeOf):
-                self.block(v.chan.atoms, reason)
+            for c in _chans(env.get(inp)):
+                self.block(c.atoms, reason)
 
     def visit(self, node: fx.Node, env: dict[fx.Node, Any], prefix: str) -> Any:
         target = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
@@ -319,6 +369,19 @@ class _Analysis:
     def visit_module(self, node: fx.Node, m: nn.Module, name: str, env: dict[fx.Node, Any]) -> Any:
         args = [env.get(a) if isinstance(a, fx.Node) else a for a in node.args]
         x = args[0] if args else None
+        if any(isinstance(a, _Tuple) for a in args):
+            raise _Unsupported(f"module {name} reads a tuple output the analysis does not follow")
+        spec = self.attention_memo(m)
+        if spec is not None:
+            others = [c for a in args[1:] + [env.get(v) if isinstance(v, fx.Node) else v for v in node.kwargs.values()]
+                      for c in _chans(a)]
+            if others:
+                raise _Unsupported(f"attention {name} attends over a second tracked input (cross-attention)")
+            return self.attention_heads(x, spec, name)
+        if isinstance(m, nn.MultiheadAttention):
+            raise _Unsupported(
+                f"nn.MultiheadAttention {name}: its heads cannot be removed (its forward requires num_heads x "
+                "head_dim == embed_dim) and it reads its input and output channels itself")
         if isinstance(m, self.elementwise_modules):
             return x if isinstance(x, _Chan) else None
         if isinstance(m, nn.Flatten):
@@ -387,10 +450,17 @@ class _Analysis:
             return self.getattr_(args[0], args[1], where)
         if fn is operator.getitem and isinstance(args[0], _ShapeOf):
             return self.shape_index(args[0], args[1], where)
+        if fn is operator.getitem and isinstance(args[0], _Tuple):
+            if isinstance(args[1], slice):
+                return _Tuple(args[0].items[args[1]])
+            if not isinstance(args[1], int):
+                raise _Unsupported(f"{where}: indexes a tuple output with a computed index")
+            return args[0].items[args[1]]  # the other items are followed where they are read
+        if fn is operator.add and isinstance(args[0], (tuple, _Tuple)) and isinstance(args[1], (tuple, _Tuple)):
+            return _Tuple(tuple(getattr(args[0], "items", args[0])) + tuple(getattr(args[1], "items", args[1])))
         if fn is torch._assert:
             return None
-        if any(isinstance(a, (_Chan, _ShapeOf)) for a in list(args) + list(kwargs.values())) or \
-                any(isinstance(a, (list, tuple)) and any(isinstance(b, (_Chan, _ShapeOf)) for b in a) for a in args):
+        if any(_chans(a) for a in list(args) + list(kwargs.values())):
             raise _Unsupported(f"consumed by {where}, an op the channel analysis does not follow")
         return None
 
@@ -419,11 +489,46 @@ class _Analysis:
             if not isinstance(x, _Chan):
                 return None
             return _ShapeOf(x) if d is None else self.shape_index(_ShapeOf(x), d, where)
-        if any(isinstance(a, (_Chan, _ShapeOf)) for a in list(args) + list(kwargs.values())):
+        if any(_chans(a) for a in list(args) + list(kwargs.values())):
             raise _Unsupported(f"consumed by {where}, an op the channel analysis does not follow")
         return None
 
     # -------------------------------------------------------------- handlers
+    def attention_heads(self, x: Any, spec: AttentionSpec, name: str) -> Any:
+        """A proven attention module: its heads are new channels (see :mod:`fxprune.structured.attention`).
+
+        The query/key/value columns read ``x``'s channels; each head owns a
+        block of ``head_dim`` rows of the three projections and biases, and
+        a block of columns of the output projection -- the module's own, or
+        whichever linear layer reads the returned context (a flattened
+        activation whose channel ``h`` covers ``head_dim`` positions).
+        """
+        where = f"attention {name}"
+        for proj in (spec.q, spec.k, spec.v) + ((spec.out,) if spec.out is not None else ()):
+            self.weight(f"{name}.{proj}.weight", where)  # all present before any slice is recorded
+        in_atoms, chan = self.input_atoms(x, -1, spec.hidden, where)
+        heads = self.new_atoms(spec.heads)
+        for proj in (spec.q, spec.k, spec.v):
+            w = f"{name}.{proj}.weight"
+            self.add_slice(w, 1, IN, in_atoms, is_weight=True)
+            self.add_slice(w, 0, OUT_BLOCK, heads, is_weight=True, block=spec.head_dim)
+            if self.tensor_of(f"{name}.{proj}.bias") is not None:
+                self.add_slice(f"{name}.{proj}.bias", 0, OUT_BLOCK, heads, block=spec.head_dim)
+            self.layer_attrs[f"{name}.{proj}"] = "linear"
+        self.attention[name] = spec
+        ndim = chan.ndim if chan is not None else None
+        out: _Chan = _Chan(-1, heads, ndim, flat=True)
+        if spec.out is not None:
+            w = f"{name}.{spec.out}.weight"
+            self.add_slice(w, 1, IN_BLOCK, heads, is_weight=True, block=spec.head_dim)
+            out_atoms = self.new_atoms(self.tensor_of(w).shape[0])
+            self.add_slice(w, 0, OUT, out_atoms, is_weight=True)
+            if self.tensor_of(f"{name}.{spec.out}.bias") is not None:
+                self.add_slice(f"{name}.{spec.out}.bias", 0, OUT, out_atoms)
+            self.layer_attrs[f"{name}.{spec.out}"] = "linear"
+            out = _Chan(-1, out_atoms, ndim)
+        return _Tuple((out, None)) if spec.returns_tuple else out
+
     def input_atoms(self, x: Any, dim: int, size: int, where: str, flat_ok: bool = False) -> tuple[torch.Tensor, _Chan | None]:
         """The atoms a layer reads, or fresh blocked atoms if the input's layout is not tracked."""
         if isinstance(x, _Chan) and x.dim == dim and len(x.atoms) == size and (flat_ok or not x.flat):
@@ -648,6 +753,7 @@ def build_channel_graph(
     root: nn.Module,
     graphs: Iterable[tuple[fx.Graph, str]],
     tensor_of: Callable[[str], torch.Tensor | None],
+    attention: AttentionMemo | None = None,
 ) -> ChannelGraph:
     """Analyse ``graphs`` (each with the module-name prefix its targets are relative to) into groups.
 
@@ -655,7 +761,7 @@ def build_channel_graph(
     (pruned weights live inside masked-parameter modules, so the caller knows
     how to look them up).
     """
-    an = _Analysis(root, tensor_of)
+    an = _Analysis(root, tensor_of, attention or AttentionMemo())
     for graph, prefix in graphs:
         an.run(graph, prefix)
 
@@ -680,7 +786,7 @@ def build_channel_graph(
             if reason not in grp.blockers:
                 grp.blockers.append(reason)
     _add_cells(groups, an.partitions, channel_of, group_of)
-    return ChannelGraph(groups=groups, layer_attrs=an.layer_attrs)
+    return ChannelGraph(groups=groups, layer_attrs=an.layer_attrs, attention=an.attention)
 
 
 def connected_components(n: int, pairs: torch.Tensor) -> tuple[torch.Tensor, int]:

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from fxprune.structured.dependency import IN, IN_BLOCK, IN_GROUPED, OUT, ChannelGroup, Slice
+from fxprune.structured.dependency import IN, IN_BLOCK, IN_GROUPED, OUT, OUT_BLOCK, ChannelGroup, Slice
 
 if TYPE_CHECKING:
     from fxprune.config import PrunerConfig
@@ -55,6 +55,8 @@ def _per_position(t: torch.Tensor, s: Slice) -> torch.Tensor:
         t = t.movedim(s.dim, 0).contiguous()
     if s.kind == OUT:
         return reduce(t.reshape(t.shape[0], -1), 1) if t.dim() > 1 else t
+    if s.kind == OUT_BLOCK:  # rows [c*block, (c+1)*block) of a projection, or entries of its bias
+        return reduce(t.reshape(t.shape[0] // s.block, -1), 1)
     rows = reduce(t.reshape(t.shape[0], -1), 0)  # (columns * kernel entries)
     if s.kind == IN:
         return reduce(rows.reshape(t.shape[1], -1), 1)
@@ -168,9 +170,9 @@ def _mask_out(mask: torch.Tensor, s: Slice, channels: torch.Tensor) -> None:
         return
     if s.kind in (OUT, IN):
         mask.index_fill_(s.dim, pos, False)
-    elif s.kind == IN_BLOCK:
-        cols = (pos[:, None] * s.block + torch.arange(s.block)).reshape(-1)
-        mask.index_fill_(1, cols, False)
+    elif s.kind in (IN_BLOCK, OUT_BLOCK):
+        idx = (pos[:, None] * s.block + torch.arange(s.block)).reshape(-1)
+        mask.index_fill_(1 if s.kind == IN_BLOCK else 0, idx, False)
     elif s.kind == IN_GROUPED:
         g, per_in = s.groups, mask.shape[1]
         view = mask.view(g, mask.shape[0] // g, per_in, -1)

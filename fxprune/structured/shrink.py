@@ -27,7 +27,8 @@ from torch import nn
 
 from fxprune.errors import PruningError
 from fxprune.structured.analysis import ChannelPlan
-from fxprune.structured.dependency import IN, IN_BLOCK, IN_GROUPED, OUT, Slice
+from fxprune.structured.attention import set_head_attributes
+from fxprune.structured.dependency import IN, IN_BLOCK, IN_GROUPED, OUT, OUT_BLOCK, Slice
 
 __all__ = ["removed_channels", "shrink"]
 
@@ -100,7 +101,7 @@ def shrink(model: nn.Module, plan: ChannelPlan, removed: dict[int, torch.Tensor]
             dim = 1 if s.kind == IN_BLOCK else s.dim
             if dim not in keep:
                 keep[dim] = torch.ones(new.shape[dim], dtype=torch.bool)
-            if s.kind == IN_BLOCK:
+            if s.kind in (IN_BLOCK, OUT_BLOCK):
                 keep[dim].view(-1, s.block)[pos] = False
             else:
                 assert s.kind in (OUT, IN)
@@ -163,3 +164,9 @@ def _update_attributes(model: nn.Module, plan: ChannelPlan) -> None:
         elif kind == "bn" and isinstance(m, nn.modules.batchnorm._NormBase):
             ref = m.weight if m.weight is not None else m.running_mean
             m.num_features = ref.shape[0]
+    for name, spec in plan.channels.attention.items():  # head counts that attention forwards read
+        try:
+            m = model.get_submodule(name)
+        except AttributeError:
+            continue
+        set_head_attributes(m, spec)

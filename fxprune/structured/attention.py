@@ -1,0 +1,181 @@
+"""Attention heads as prunable channels: recognise a multi-head attention module, and prove it.
+
+Head structure is invisible to the channel analysis: a forward splits the
+projection's features into ``(heads, head_dim)`` with a reshape, and a
+reshape blocks channels. So attention modules are recognised by what they
+hold -- ``nn.Linear`` query/key/value projections (``query``/``key``/``value``,
+``q_proj``/``k_proj``/``v_proj``, ``q_lin``/``k_lin``/``v_lin``) of the same
+width, an optional output projection inside the module (``o_proj``,
+``out_proj``, ``out_lin``, ``dense``), and a head size or head count
+attribute -- and then *proven*: a copy with one head cut out (its
+query/key/value rows and output-projection columns, and the head-count
+attributes the forward reads updated) must give the original's output,
+without that head's columns where the output projection is outside. A module
+that looks like attention but fails the proof is traced like any other code,
+so its channels are followed or blocked as usual; nothing is guessed.
+
+Where the module is a leaf of the analysis, a head is one *channel*: its
+rows of the three projections (``out_block`` slices) and its columns of the
+output projection (``in_block``). The output projection is the module's own
+or, as in Hugging Face BERT, the next linear layer its output reaches.
+
+``nn.MultiheadAttention`` cannot lose heads: its forward requires
+``num_heads * head_dim == embed_dim``, so fewer heads would mean a narrower
+residual stream. The analysis reports it instead.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+__all__ = ["AttentionSpec", "attention_spec", "set_head_attributes"]
+
+_PROJECTIONS = (("query", "key", "value"), ("q_proj", "k_proj", "v_proj"), ("q_lin", "k_lin", "v_lin"))
+_OUTPUTS = ("o_proj", "out_proj", "out_lin", "dense")
+_HEAD_DIM_ATTRS = ("attention_head_size", "head_dim", "dim_per_head", "head_size")
+_HEAD_COUNT_ATTRS = ("num_attention_heads", "num_heads", "n_heads", "n_head")
+_WIDTH_ATTRS = ("all_head_size", "inner_dim")
+
+
+@dataclass(frozen=True)
+class AttentionSpec:
+    """How one attention module holds its heads (child names relative to the module)."""
+
+    q: str
+    k: str
+    v: str
+    out: str | None  # output projection inside the module, or None: the next linear layer outside
+    heads: int
+    head_dim: int
+    hidden: int  # input features
+    returns_tuple: bool  # forward returns (output, ...) rather than a tensor
+    head_count_attrs: tuple[str, ...]
+    width_attrs: tuple[str, ...]
+
+
+def _linear(module: nn.Module, name: str) -> nn.Linear | None:
+    child = module._modules.get(name)
+    return child if isinstance(child, nn.Linear) and type(child).forward is nn.Linear.forward else None
+
+
+def _candidate(module: nn.Module) -> AttentionSpec | None:
+    """The spec that ``module``'s attributes suggest (unproven), or None."""
+    if isinstance(module, nn.MultiheadAttention):
+        return None
+    for names in _PROJECTIONS:
+        projs = [_linear(module, n) for n in names]
+        if any(p is None for p in projs):
+            continue
+        q, k, v = projs
+        width, hidden = q.out_features, q.in_features
+        if k.out_features != width or v.out_features != width or k.in_features != v.in_features:
+            return None
+        head_dim = next((getattr(module, a) for a in _HEAD_DIM_ATTRS
+                         if isinstance(getattr(module, a, None), int) and getattr(module, a) > 0), None)
+        count_attrs = tuple(a for a in _HEAD_COUNT_ATTRS if isinstance(getattr(module, a, None), int))
+        if head_dim is None and count_attrs:
+            heads = getattr(module, count_attrs[0])
+            head_dim = width // heads if heads > 0 and width % heads == 0 else None
+        if head_dim is None or width % head_dim or width // head_dim < 2:
+            return None
+        heads = width // head_dim
+        count_attrs = tuple(a for a in count_attrs if getattr(module, a) == heads)
+        width_attrs = tuple(a for a in _WIDTH_ATTRS if getattr(module, a, None) == width)
+        out = next((o for o in _OUTPUTS if _linear(module, o) is not None and _linear(module, o).in_features == width),
+                   None)
+        return AttentionSpec(names[0], names[1], names[2], out, heads, head_dim, hidden, False, count_attrs,
+                             width_attrs)
+    return None
+
+
+def set_head_attributes(module: nn.Module, spec: AttentionSpec) -> None:
+    """After cutting heads out of the weights, make the attributes the forward reads agree."""
+    q = module.get_submodule(spec.q)
+    heads = q.weight.shape[0] // spec.head_dim
+    for a in spec.head_count_attrs:
+        setattr(module, a, heads)
+    for a in spec.width_attrs:
+        setattr(module, a, heads * spec.head_dim)
+    for name in (spec.q, spec.k, spec.v):
+        lin = module.get_submodule(name)
+        lin.out_features = lin.weight.shape[0]
+    if spec.out is not None:
+        lin = module.get_submodule(spec.out)
+        lin.in_features = lin.weight.shape[1]
+
+
+def _plain_copy(module: nn.Module) -> nn.Module:
+    """A copy that runs the module's own Python forward on plain parameters (no masks, hooks or graphs)."""
+    from fxprune.masked import MaskedParameter  # noqa: PLC0415 - avoid an import cycle
+
+    c = copy.deepcopy(module)
+    for m in c.modules():
+        m.__dict__.pop("forward", None)
+        for hooks in ("_forward_hooks", "_forward_pre_hooks", "_forward_hooks_with_kwargs",
+                      "_forward_hooks_always_called", "_forward_pre_hooks_with_kwargs"):
+            getattr(m, hooks, {}).clear()
+        for n, child in list(m._modules.items()):
+            if isinstance(child, MaskedParameter):
+                del m._modules[n]
+                m._parameters[n] = nn.Parameter(child.param.detach().clone(), requires_grad=False)
+    return c.eval()
+
+
+def _cut_head(module: nn.Module, spec: AttentionSpec, head: int) -> None:
+    d = spec.head_dim
+    keep = torch.ones(spec.heads * d, dtype=torch.bool)
+    keep[head * d:(head + 1) * d] = False
+    rows = keep.nonzero().reshape(-1)
+    with torch.no_grad():
+        for name in (spec.q, spec.k, spec.v):
+            lin = module.get_submodule(name)
+            lin.weight = nn.Parameter(lin.weight.index_select(0, rows), requires_grad=False)
+            if lin.bias is not None:
+                lin.bias = nn.Parameter(lin.bias.index_select(0, rows), requires_grad=False)
+        if spec.out is not None:
+            lin = module.get_submodule(spec.out)
+            lin.weight = nn.Parameter(lin.weight.index_select(1, rows), requires_grad=False)
+    set_head_attributes(module, spec)
+
+
+def _first(out: object) -> torch.Tensor | None:
+    if isinstance(out, (tuple, list)) and out:
+        out = out[0]
+    return out if isinstance(out, torch.Tensor) else None
+
+
+def attention_spec(module: nn.Module) -> AttentionSpec | None:
+    """The proven head layout of ``module``, or None (not attention, or removing a head is not exact)."""
+    spec = _candidate(module)
+    if spec is None:
+        return None
+    try:
+        base = _plain_copy(module)
+        ref = base.get_submodule(spec.q).weight
+        x = torch.randn(2, 5, spec.hidden, generator=torch.Generator().manual_seed(0)).to(ref)
+        with torch.no_grad():
+            raw = base(x)
+            full = _first(raw)
+            head = spec.heads - 1
+            d = spec.head_dim
+            if spec.out is not None:  # the masked model: the head's output-projection columns are zero
+                base.get_submodule(spec.out).weight[:, head * d:(head + 1) * d] = 0
+                expected = _first(base(x))
+            else:
+                expected = None if full is None else full[..., : head * d]
+            cut = _plain_copy(module)
+            _cut_head(cut, spec, head)
+            got = _first(cut(x))
+    except Exception:  # noqa: BLE001 - any failure means: not provably head-prunable
+        return None
+    if expected is None or got is None or got.shape != expected.shape:
+        return None
+    if spec.out is None and full.shape[-1] != spec.heads * spec.head_dim:
+        return None
+    if not torch.allclose(got, expected, rtol=1e-4, atol=1e-5 * max(1.0, float(expected.abs().max()))):
+        return None
+    return AttentionSpec(spec.q, spec.k, spec.v, spec.out, spec.heads, spec.head_dim, spec.hidden,
+                         isinstance(raw, (tuple, list)), spec.head_count_attrs, spec.width_attrs)
