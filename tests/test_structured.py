@@ -32,14 +32,30 @@ def n_params(m: nn.Module) -> int:
     return sum(p.numel() for p in m.parameters())
 
 
-def randomize_bn(model: nn.Module) -> None:
-    """Non-trivial BN statistics, so that a BN-shifted pruned channel is not zero (the hard case)."""
+def randomize_bn(model: nn.Module, calibration: torch.Tensor | None = None) -> None:
+    """Non-trivial BN statistics, so that a BN-shifted pruned channel is not zero (the hard case).
+
+    With ``calibration``, running statistics are measured on it (random
+    statistics make a deep network's output ignore its input, and then a
+    wrong cut in an early layer would not show); affine parameters are random.
+    """
     g = torch.Generator().manual_seed(0)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.copy_(torch.randn(m.num_features, generator=g))
-            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-            m.bias.data.copy_(torch.randn(m.num_features, generator=g))
+    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    with torch.no_grad():
+        if calibration is not None:
+            for m in bns:
+                m.reset_running_stats()
+                m.momentum = None  # cumulative average over the one batch
+            model.train()(calibration)
+            model.eval()
+        for m in bns:
+            if calibration is None:
+                m.running_mean.copy_(torch.randn(m.num_features, generator=g))
+                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                m.bias.data.copy_(torch.randn(m.num_features, generator=g))
+            else:
+                m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                m.bias.data.copy_(torch.randn(m.num_features, generator=g) * 0.2)
 
 
 class Mixed(nn.Module):
@@ -204,7 +220,7 @@ def test_resnet18_end_to_end():
     torchvision = pytest.importorskip("torchvision")
     torch.manual_seed(0)
     model = torchvision.models.resnet18(num_classes=10)
-    randomize_bn(model)
+    randomize_bn(model, calibration=torch.randn(8, 3, 64, 64))
     prepared, shrunk = prune_and_shrink(model, 0.5)
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
