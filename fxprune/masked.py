@@ -10,9 +10,9 @@ one in the backward. Instead the pruner keeps the *stored* pruned entries at
 exactly zero (it re-zeroes them whenever the optimizer touched the tensor).
 When the stored tensor is known to be clean -- its autograd version counter
 has not moved since the last re-zeroing -- the forward is a free view of the
-parameter and only the backward pays for the mask (gradients of pruned
-entries are zeroed, whether they are taken by ``backward()`` or
-``torch.autograd.grad``). When it may be dirty (after ``optimizer.step()`` and
+parameter and only the backward pays for the mask: a gradient hook on that
+view zeroes the gradients of pruned entries, whether they are taken by
+``backward()`` or ``torch.autograd.grad``. When it may be dirty (after ``optimizer.step()`` and
 before the next hook, or under ``torch.compile``), the forward multiplies, so
 the effective weight is exact in every case.
 
@@ -22,24 +22,12 @@ it on every call and costs several times more.
 """
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 from torch import nn
 
 __all__ = ["MaskedParameter"]
-
-
-class _MaskGradient(torch.autograd.Function):
-    """Identity in the forward (the stored pruned entries are already 0); mask in the backward."""
-
-    @staticmethod
-    def forward(ctx, param: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        ctx.save_for_backward(keep)
-        return param.view_as(param)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
-        (keep,) = ctx.saved_tensors
-        return grad * keep, None
 
 
 class MaskedParameter(nn.Module):
@@ -63,17 +51,25 @@ class MaskedParameter(nn.Module):
         self.forward_mask_versions: set[int] = set()  # read and cleared by fxprune.zero_preserving
 
     def forward(self) -> torch.Tensor:
+        # Runs once per weight per forward: plain dict reads instead of nn.Module attribute lookups.
+        param, mask = self._parameters["param"], self._buffers["mask"]
         # Compiled graphs always multiply: the version-counter check is eager-only Python state.
         if torch.compiler.is_compiling():
-            return self.param * self.mask if self._has_pruned else self.param
+            return param * mask if self._has_pruned else param
         # Which masks the gradients now being built are masked with (a gradient from a forward
         # before a mask update is not zero at the newly pruned entries).
-        self.forward_mask_versions.add(self.mask._version)
+        self.forward_mask_versions.add(mask._version)
         if not self._has_pruned:
-            return self.param
-        if self.is_clean():
-            return _MaskGradient.apply(self.param, self.keep())
-        return self.param * self.keep()
+            return param
+        if param._version == self._clean_version:
+            # A view of the parameter whose gradient hook applies the mask (for backward() and
+            # torch.autograd.grad alike). A tensor hook that is a C-level callable costs about a
+            # third of a Python autograd.Function's per-call overhead: ~1% of an MLP step on CPU.
+            weight = param.view_as(param)
+            if weight.requires_grad:
+                weight.register_hook(partial(torch.mul, other=self.keep()))
+            return weight
+        return param * self.keep()
 
     def _any_pruned(self) -> bool:
         # reading the bool mask as bytes is ~40x faster than Tensor.all() on large masks
@@ -81,9 +77,10 @@ class MaskedParameter(nn.Module):
 
     def keep(self) -> torch.Tensor:
         """The mask as 0/1 in the parameter's dtype and device (cached)."""
-        key = (self.mask._version, self.mask.data_ptr(), self.param.dtype, self.param.device)
+        param, mask = self._parameters["param"], self._buffers["mask"]
+        key = (mask._version, mask.data_ptr(), param.dtype, param.device)
         if self._keep is None or self._keep_key != key:
-            self._keep = self.mask.view(torch.uint8).to(dtype=self.param.dtype, device=self.param.device)
+            self._keep = mask.view(torch.uint8).to(dtype=param.dtype, device=param.device)
             self._keep_key = key
         return self._keep
 
@@ -92,11 +89,11 @@ class MaskedParameter(nn.Module):
 
         Only for callers that proved it (:mod:`fxprune.zero_preserving`).
         """
-        self._clean_version = self.param._version
+        self._clean_version = self._parameters["param"]._version
 
     def is_clean(self) -> bool:
         """True when the stored pruned entries are known to be exactly zero."""
-        return self.param._version == self._clean_version
+        return self._parameters["param"]._version == self._clean_version
 
     @torch.no_grad()
     def apply_mask(self) -> None:

@@ -70,9 +70,11 @@ class GradStamps:
         key = id(param)
         masked = self._masked_of[key]
         old = self._stamps.pop(key, None)
-        seen, masked.forward_mask_versions = masked.forward_mask_versions, set()
-        mask_version = masked.mask._version
-        if grad is None or grad.is_sparse or torch.is_grad_enabled() or seen != {mask_version}:
+        seen = masked.forward_mask_versions
+        mask_version = masked._buffers["mask"]._version
+        one_mask = len(seen) == 1 and mask_version in seen
+        seen.clear()
+        if grad is None or grad.is_sparse or torch.is_grad_enabled() or not one_mask:
             return
         fresh = grad._version == 0 and (old is None or old[0]() is not grad)
         accumulated = (old is not None and old[0]() is grad and grad._version == old[1] + 1
@@ -85,7 +87,7 @@ class GradStamps:
         stamp = self._stamps.get(id(param))
         grad = param.grad
         return (stamp is not None and grad is not None and stamp[0]() is grad and grad._version == stamp[1]
-                and self._masked_of[id(param)].mask._version == stamp[2])
+                and self._masked_of[id(param)]._buffers["mask"]._version == stamp[2])
 
     def remove(self) -> None:
         for h in self._handles:
