@@ -300,3 +300,24 @@ def test_masks_that_empty_a_layer_are_refused_before_shrinking():
     with pytest.raises(fxprune.PruningError, match=r"fc\d\.weight.*no channels left"):
         fxprune.convert(prepared, physical=True)
     assert prepared.fc1.weight.param.shape == (6, 3)  # the prepared model is untouched
+
+
+def test_dependency_graph_as_networkx():
+    nx = pytest.importorskip("networkx")
+    torch.manual_seed(0)
+    model = Mixed(4, 2, 4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        prepared = fxprune.prepare(model.eval(), channel_config(0.5))
+    cg = channel_plan_of(prepared).channels
+    g = cg.to_networkx()
+    groups = [n for n in g if n[0] == "group"]
+    assert len(groups) == len(cg.groups)
+    for grp in cg.groups:
+        node = ("group", grp.index)
+        assert g.nodes[node]["size"] == grp.size and g.nodes[node]["blockers"] == grp.blockers
+        assert {t for _, t in g.edges(node)} == {("tensor", s.tensor) for s in grp.slices}
+    # a residual stream couples the stem conv's output rows with the BN and the consumers' columns
+    comp = nx.node_connected_component(g, ("tensor", "stem.weight"))
+    assert ("tensor", "bn.weight") in comp and ("tensor", "a.weight") in comp
+    assert all(g.nodes[("tensor", w)]["is_weight"] for grp in cg.groups for w in grp.weights())

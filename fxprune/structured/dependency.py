@@ -117,6 +117,34 @@ class ChannelGraph:
     layer_attrs: dict[str, str]  # module name -> 'conv' | 'linear' | 'bn'
     attention: dict[str, AttentionSpec] = field(default_factory=dict)  # module name -> its heads' layout
 
+    def to_networkx(self) -> "networkx.Graph":  # noqa: F821 - imported lazily
+        """The dependency graph between groups and the tensors they cut, as a ``networkx.Graph``.
+
+        Nodes ``("group", i)`` carry ``size`` (channels) and ``blockers``
+        (why the group cannot be removed, empty if it can); nodes
+        ``("tensor", name)`` carry ``is_weight``. An edge says the group's
+        channels live in that tensor, with the slice's ``dim``, ``kind`` and
+        ``block``. Two groups that share a tensor are pruned independently
+        along different dims (a conv's output and input channels), so the
+        components of this graph are what one channel decision can touch:
+        ``networkx.node_connected_component(g, ("tensor", "layer1.0.conv1.weight"))``
+        lists every group and tensor coupled to a layer.
+        """
+        import networkx as nx  # noqa: PLC0415 - only for users who ask for the graph
+
+        g = nx.Graph()
+        for grp in self.groups:
+            node = ("group", grp.index)
+            g.add_node(node, size=grp.size, blockers=list(grp.blockers))
+            for sl in grp.slices:
+                t = ("tensor", sl.tensor)
+                if t not in g:
+                    g.add_node(t, is_weight=sl.is_weight)
+                elif sl.is_weight:
+                    g.nodes[t]["is_weight"] = True
+                g.add_edge(node, t, dim=sl.dim, kind=sl.kind, block=sl.block)
+        return g
+
 
 # --------------------------------------------------------------------- tracing
 class _ChannelTracer(fx.Tracer):
