@@ -20,8 +20,8 @@ from fxprune.zero_preserving import ZERO_PRESERVING
 from training_helpers import TinyNet, assert_identical, batches, loss_fn, pruned_entries_are_zero, snapshot, step_config
 
 OPTIMIZERS = {
-    "SGD": dict(lr=0.05, momentum=0.9, weight_decay=1e-3, nesterov=True),
-    "Adam": dict(lr=1e-2, weight_decay=1e-3),
+    "SGD": dict(lr=0.05, momentum=0.9, weight_decay=1e-3, nesterov=True, foreach=True),
+    "Adam": dict(lr=1e-2, weight_decay=1e-3, foreach=True),
     "AdamW": dict(lr=1e-2, weight_decay=0.1, amsgrad=True),
     "Adagrad": dict(lr=0.05, initial_accumulator_value=0.1, weight_decay=1e-3),
     "Adamax": dict(lr=1e-2),
