@@ -211,6 +211,8 @@ def test_hugging_face_vit_heads_with_inner_output_projection():
     prepared, shrunk = prune(model, 0.5, example_inputs=(x,))
     plan = channel_plan_of(prepared)
     assert len(plan.channels.attention) == 2
+    report = channel_report(prepared)["p"]
+    assert len(report.head_groups) == 2 and "4 heads" in str(report)
     with torch.no_grad():
         torch.testing.assert_close(shrunk(x).last_hidden_state, prepared(x).last_hidden_state, atol=1e-5, rtol=1e-4)
     assert sum(p.numel() for p in shrunk.parameters()) < 0.7 * sum(p.numel() for p in model.parameters())

@@ -17,6 +17,7 @@ from torch import nn
 
 from fxprune.masked import MaskedParameter
 from fxprune.structured.dependency import (
+    OUT_BLOCK,
     AttentionMemo,
     ChannelGraph,
     ChannelGroup,
@@ -40,15 +41,16 @@ class ChannelReport:
     prunable: list[tuple[int, int, list[str]]] = field(default_factory=list)  # (group, channels, layers)
     excluded: list[tuple[int, int, list[str], list[str]]] = field(default_factory=list)  # + reasons
     dense_weights: list[str] = field(default_factory=list)
+    head_groups: set[int] = field(default_factory=set)  # groups whose channels are attention heads
 
     def __str__(self) -> str:
         lines = [f"channel pruning for pruner {self.pruner!r}:"]
         lines.append(f"  {len(self.prunable)} prunable group(s)")
         for gid, n, layers in self.prunable:
-            lines.append(f"    group {gid:3d}  {n:5d} channels  {_short(layers)}")
+            lines.append(f"    group {gid:3d}  {n:5d} {self._unit(gid)}  {_short(layers)}")
         lines.append(f"  {len(self.excluded)} excluded group(s) (not pruned; reason)")
         for gid, n, layers, reasons in self.excluded:
-            lines.append(f"    group {gid:3d}  {n:5d} channels  {_short(layers)}")
+            lines.append(f"    group {gid:3d}  {n:5d} {self._unit(gid)}  {_short(layers)}")
             for r in reasons[:3]:
                 lines.append(f"        - {r}")
             if len(reasons) > 3:
@@ -56,6 +58,9 @@ class ChannelReport:
         if self.dense_weights:
             lines.append(f"  weights of this pruner left dense (no prunable channel): {_short(self.dense_weights, 8)}")
         return "\n".join(lines)
+
+    def _unit(self, gid: int) -> str:
+        return "heads   " if gid in self.head_groups else "channels"
 
 
 def _short(items: list[str], n: int = 4) -> str:
@@ -157,7 +162,10 @@ def attach_channel_plan(prepared: fx.GraphModule, channel_pruners: list[str] | t
             reasons.append(f"weights not selected by pruner {sorted(mine)[0]!r}: {_short(unpruned)}")
         if grp.size < 2:
             reasons.append("a single channel (removing it would empty the layer)")
+        heads = any(s.kind == OUT_BLOCK for s in grp.slices)
         for p in mine:
+            if heads:
+                reports[p].head_groups.add(grp.index)
             if reasons:
                 reports[p].excluded.append((grp.index, grp.size, grp.layers(), reasons))
             else:
