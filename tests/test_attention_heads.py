@@ -231,3 +231,28 @@ def test_torchvision_vit_reports_multihead_attention_and_prunes_the_mlp():
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(shrunk(x), prepared(x), atol=1e-5, rtol=1e-4)
+
+
+class KeywordBlock(nn.Module):
+    """Calls its attention with the input as a keyword (CLIP, Whisper: ``self_attn(hidden_states=h)``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(6, 8)
+        self.attn = InternalOutAttention(8, 4, 2, True)
+        self.mid = nn.Linear(8, 8)
+        self.attn2 = InternalOutAttention(8, 4, 2, True)
+
+    def forward(self, x):
+        h = self.attn(x=self.inp(x))
+        return self.attn2(x=torch.relu(self.mid(h)))
+
+
+def test_attention_called_with_a_keyword_input_is_pruned():
+    torch.manual_seed(0)
+    prepared, shrunk = prune(KeywordBlock(), 0.5)
+    assert sorted(channel_plan_of(prepared).channels.attention) == ["attn", "attn2"]
+    assert shrunk.attn.num_heads == 2 and shrunk.attn2.num_heads == 2
+    x = torch.randn(2, 5, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(shrunk(x), prepared(x), atol=1e-5, rtol=1e-4)

@@ -31,6 +31,7 @@ Assumption stated once: convolution activations are batched, ``(N, C, ...)``.
 """
 from __future__ import annotations
 
+import inspect
 import operator
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
@@ -401,8 +402,11 @@ class _Analysis:
             raise _Unsupported(f"module {name} reads a tuple output the analysis does not follow")
         spec = self.attention_memo(m)
         if spec is not None:
-            others = [c for a in args[1:] + [env.get(v) if isinstance(v, fx.Node) else v for v in node.kwargs.values()]
-                      for c in _chans(a)]
+            kwargs = {k: env.get(v) if isinstance(v, fx.Node) else v for k, v in node.kwargs.items()}
+            first = _first_parameter(m)
+            if not args and first in kwargs:  # called as self_attn(hidden_states=h, ...)
+                x = kwargs.pop(first)
+            others = [c for a in args[1:] + list(kwargs.values()) for c in _chans(a)]
             if others:
                 raise _Unsupported(f"attention {name} attends over a second tracked input (cross-attention)")
             return self.attention_heads(x, spec, name)
@@ -762,6 +766,16 @@ class _Unsupported(Exception):
 @dataclass
 class _Param:
     name: str
+
+
+def _first_parameter(m: nn.Module) -> str | None:
+    """Name of the first argument of ``m``'s forward (its input, as the attention proof calls it)."""
+    try:
+        params = list(inspect.signature(type(m).forward).parameters.values())[1:]
+    except (TypeError, ValueError):
+        return None
+    return params[0].name if params and params[0].kind in (params[0].POSITIONAL_OR_KEYWORD,
+                                                           params[0].POSITIONAL_ONLY) else None
 
 
 def _arg(args: list, kwargs: dict, i: int, key: str, default: Any) -> Any:
