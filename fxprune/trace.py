@@ -399,7 +399,11 @@ def _signature(node: fx.Node) -> tuple:
 
     stack = tuple(q for q, _ in (node.meta.get("nn_module_stack") or {}).values())
     args = fx.node.map_aggregate(node.args, blank), fx.node.map_aggregate(node.kwargs, blank)
-    return (node.op, str(node.target), stack, repr(args))
+    target = str(node.target)
+    if node.op == "get_attr" and target.startswith("_tensor_constant"):
+        # a tensor made in the forward (torch.zeros(6)): the second trace numbers its copy anew
+        target = "_tensor_constant"
+    return (node.op, target, stack, repr(args))
 
 
 def capture_model(

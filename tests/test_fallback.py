@@ -205,3 +205,26 @@ def test_forward_reading_self_training_is_right_in_both_modes(cls, leaves, trace
         converted = fxprune.convert(prepared)
         assert converted.training == mode
         torch.testing.assert_close(converted(x), prepared(x), rtol=0, atol=1e-6)
+
+
+class MakesTensors(nn.Module):
+    """Tensors created in the forward become tensor constants of the trace (one per trace)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.fc(x + torch.zeros(4)) * torch.arange(4.0)
+
+
+def test_tensors_made_in_the_forward_are_not_a_train_eval_difference():
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no TraceFallbackWarning
+        model = MakesTensors()
+        prepared = fxprune.prepare(model, {"magnitude": {"p": {}}})
+    assert prepared.pruner.prepare_report.traced
+    x = torch.randn(3, 4)
+    torch.testing.assert_close(prepared(x), model(x))
