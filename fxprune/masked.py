@@ -26,6 +26,7 @@ from functools import partial
 
 import torch
 from torch import nn
+from torch.fx._symbolic_trace import is_fx_symbolic_tracing
 
 __all__ = ["MaskedParameter"]
 
@@ -53,8 +54,8 @@ class MaskedParameter(nn.Module):
     def forward(self) -> torch.Tensor:
         # Runs once per weight per forward: plain dict reads instead of nn.Module attribute lookups.
         param, mask = self._parameters["param"], self._buffers["mask"]
-        # Compiled graphs always multiply: the version-counter check is eager-only Python state.
-        if torch.compiler.is_compiling():
+        # Compiled or fx-traced graphs always multiply: the version-counter check is eager-only Python state.
+        if torch.compiler.is_compiling() or is_fx_symbolic_tracing():
             return param * mask if self._has_pruned else param
         # Which masks the gradients now being built are masked with (a gradient from a forward
         # before a mask update is not zero at the newly pruned entries).

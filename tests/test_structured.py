@@ -321,3 +321,28 @@ def test_dependency_graph_as_networkx():
     comp = nx.node_connected_component(g, ("tensor", "stem.weight"))
     assert ("tensor", "bn.weight") in comp and ("tensor", "a.weight") in comp
     assert all(g.nodes[("tensor", w)]["is_weight"] for grp in cg.groups for w in grp.weights())
+
+
+class Unfollowed(nn.Module):
+    """A weight read by an op the analysis does not follow, beside a normal pair of layers."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(6, 8))
+        self.fc1 = nn.Linear(6, 16)
+        self.fc2 = nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(torch.addmm(torch.zeros(6), x, self.w.t()))))
+
+
+def test_every_dense_weight_comes_with_a_reason():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        prepared = fxprune.prepare(Unfollowed().eval(), channel_config(0.5))
+    report = channel_report(prepared)["p"]
+    assert set(report.dense_weights) == set(report.dense_reasons)
+    assert "read by an op the analysis does not follow: node 't'" in report.dense_reasons["w"]
+    assert "w: read by an op" in str(report)
+    assert prepared.pruner.prepare_report.traced  # a tensor made in the forward is not a train/eval difference
+    assert "fc1.weight" not in report.dense_weights  # the hidden channels of fc1 -> fc2 are prunable

@@ -41,6 +41,7 @@ class ChannelReport:
     prunable: list[tuple[int, int, list[str]]] = field(default_factory=list)  # (group, channels, layers)
     excluded: list[tuple[int, int, list[str], list[str]]] = field(default_factory=list)  # + reasons
     dense_weights: list[str] = field(default_factory=list)
+    dense_reasons: dict[str, str] = field(default_factory=dict)  # dense weight -> why no group reaches it
     head_groups: set[int] = field(default_factory=set)  # groups whose channels are attention heads
 
     def __str__(self) -> str:
@@ -57,6 +58,14 @@ class ChannelReport:
                 lines.append(f"        - ... and {len(reasons) - 3} more")
         if self.dense_weights:
             lines.append(f"  weights of this pruner left dense (no prunable channel): {_short(self.dense_weights, 8)}")
+            by_reason: dict[str, list[str]] = {}
+            for w in self.dense_weights:
+                if w in self.dense_reasons:
+                    by_reason.setdefault(self.dense_reasons[w], []).append(w)
+            for reason, ws in list(by_reason.items())[:6]:
+                lines.append(f"    - {_short(ws, 3)}: {reason}")
+            if len(by_reason) > 6:
+                lines.append(f"    - ... and {len(by_reason) - 6} more reasons")
         return "\n".join(lines)
 
     def _unit(self, gid: int) -> str:
@@ -137,7 +146,8 @@ def attach_channel_plan(prepared: fx.GraphModule, channel_pruners: list[str] | t
         return t if isinstance(t, torch.Tensor) else None
 
     attention = AttentionMemo()  # proven once, used by the tracer (as leaves) and by the analysis
-    graphs = list(_graphs(prepared, attention))
+    untraced: dict[str, str] = {}  # module -> why it could not be traced (the analysis looked inside)
+    graphs = list(_graphs(prepared, attention, untraced))
     cg = build_channel_graph(prepared, graphs, tensor_of, attention)
 
     # Canonical names for masked tensors reached under an alias (tied weights).
@@ -172,9 +182,14 @@ def attach_channel_plan(prepared: fx.GraphModule, channel_pruners: list[str] | t
                 reports[p].prunable.append((grp.index, grp.size, grp.layers()))
                 eligible[grp.index] = p
     covered = {s.tensor for g in cg.groups if g.index in eligible for s in g.slices}
+    in_groups = {s.tensor for g in cg.groups for s in g.slices}
     for name, p in owner.items():
         if p in reports and name not in covered:
             reports[p].dense_weights.append(name)
+            if name in in_groups:
+                reports[p].dense_reasons[name] = "its groups are excluded (see above)"
+            else:
+                reports[p].dense_reasons[name] = _why_not_reached(prepared, name, cg.weight_notes, untraced)
 
     plan = ChannelPlan(cg, masked_by_name, owner, eligible, reports, tuple(channel_pruners))
     prepared.__dict__[_ATTR] = plan
@@ -184,7 +199,20 @@ def attach_channel_plan(prepared: fx.GraphModule, channel_pruners: list[str] | t
     return plan
 
 
-def _graphs(prepared: fx.GraphModule, attention: AttentionMemo):
+def _why_not_reached(prepared: nn.Module, name: str, notes: dict[str, str], untraced: dict[str, str]) -> str:
+    """Why no channel group holds weight ``name``: the op that read it, or the module the analysis could not trace."""
+    if name in notes:
+        return f"read by an op the analysis does not follow: {notes[name]}"
+    owner = name.rpartition(".")[0]
+    inside = [m for m in untraced if m and (name.startswith(m + ".")) and m != owner]
+    if inside:
+        m = max(inside, key=len)
+        cls = type(prepared.get_submodule(m)).__name__
+        return f"inside {m} ({cls}), which could not be traced for the analysis ({untraced[m]})"
+    return "no traced graph reads it (a fallback leaf, or code the analysis cannot see)"
+
+
+def _graphs(prepared: fx.GraphModule, attention: AttentionMemo, untraced: dict[str, str]):
     """The prepared graph, plus fx traces of the leaves (or the root) that hide pruned weights."""
     report = prepared.pruner.prepare_report
     if report.traced:
@@ -193,7 +221,7 @@ def _graphs(prepared: fx.GraphModule, attention: AttentionMemo):
     else:
         hidden = [""]
     for name in hidden:
-        yield from _trace_down(prepared, name, attention)
+        yield from _trace_down(prepared, name, attention, untraced)
 
 
 def _root_graph(prepared: fx.GraphModule, attention: AttentionMemo, leaves: list[str]) -> fx.Graph:
@@ -215,19 +243,24 @@ def _root_graph(prepared: fx.GraphModule, attention: AttentionMemo, leaves: list
     return prepared.graph
 
 
-def _trace_down(prepared: nn.Module, name: str, attention: AttentionMemo):
+def _trace_down(prepared: nn.Module, name: str, attention: AttentionMemo, untraced: dict[str, str]):
     """Trace a module for the analysis; if it cannot be traced, its children one by one."""
     module = prepared.get_submodule(name) if name else prepared._fxprune_original.module
+    error = ""
     if name:
         for first_input_only in (False, True):
             try:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
                     graph = trace_for_channels(module, first_input_only=first_input_only, attention=attention)
-            except Exception:  # noqa: BLE001 - untraceable: try the next way, then look inside
+            except Exception as e:  # noqa: BLE001 - untraceable: try the next way, then look inside
+                error = error or f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
                 continue
             yield graph, name + "."
             return
-    for child, _ in module.named_children():
-        if any(isinstance(m, MaskedParameter) for m in module.get_submodule(child).modules()):
-            yield from _trace_down(prepared, f"{name}.{child}" if name else child, attention)
+    untraced[name] = error or "its forward is not traceable"
+    for child, sub in module.named_children():
+        if isinstance(sub, MaskedParameter):  # a weight of this module, not code to trace
+            continue
+        if any(isinstance(m, MaskedParameter) for m in sub.modules()):
+            yield from _trace_down(prepared, f"{name}.{child}" if name else child, attention, untraced)

@@ -117,6 +117,7 @@ class ChannelGraph:
     groups: list[ChannelGroup]
     layer_attrs: dict[str, str]  # module name -> 'conv' | 'linear' | 'bn'
     attention: dict[str, AttentionSpec] = field(default_factory=dict)  # module name -> its heads' layout
+    weight_notes: dict[str, str] = field(default_factory=dict)  # weight -> the op that read it and was not followed
 
     def to_networkx(self) -> "networkx.Graph":  # noqa: F821 - imported lazily
         """The dependency graph between groups and the tensors they cut, as a ``networkx.Graph``.
@@ -158,7 +159,10 @@ class _ChannelTracer(fx.Tracer):
         self.culprit: str | None = None
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return qualname in self.leaves or super().is_leaf_module(m, qualname) or self.attention(m) is not None
+        from fxprune.masked import MaskedParameter  # noqa: PLC0415 - avoid an import cycle
+
+        return (qualname in self.leaves or isinstance(m, MaskedParameter) or super().is_leaf_module(m, qualname)
+                or self.attention(m) is not None)
 
     def call_module(self, m: nn.Module, forward: Any, args: tuple, kwargs: dict) -> Any:
         try:
@@ -327,6 +331,7 @@ class _Analysis:
         self.tensor_of = tensor_of  # dotted name -> tensor (None if not a tensor of the model)
         self.attention_memo = attention
         self.attention: dict[str, AttentionSpec] = {}
+        self.weight_notes: dict[str, str] = {}
         self.n_atoms = 0
         self.edges: list[torch.Tensor] = []  # (2, k) pairs of coupled atoms
         self.members: list[torch.Tensor] = []  # atoms that share one activation (same group)
@@ -368,7 +373,10 @@ class _Analysis:
 
     def block_inputs(self, node: fx.Node, env: dict[fx.Node, Any], reason: str) -> None:
         for inp in node.all_input_nodes:
-            for c in _chans(env.get(inp)):
+            v = env.get(inp)
+            if isinstance(v, _Param):  # a weight read by something not followed: it will not be in a group
+                self.weight_notes.setdefault(v.name, reason)
+            for c in _chans(v):
                 self.block(c.atoms, reason)
 
     def visit(self, node: fx.Node, env: dict[fx.Node, Any], prefix: str) -> Any:
@@ -492,6 +500,7 @@ class _Analysis:
             return _Tuple(tuple(getattr(args[0], "items", args[0])) + tuple(getattr(args[1], "items", args[1])))
         if fn is torch._assert:
             return None
+        self.note_weights(list(args) + list(kwargs.values()), where)
         if any(_chans(a) for a in list(args) + list(kwargs.values())):
             raise _Unsupported(f"consumed by {where}, an op the channel analysis does not follow")
         return None
@@ -521,9 +530,17 @@ class _Analysis:
             if not isinstance(x, _Chan):
                 return None
             return _ShapeOf(x) if d is None else self.shape_index(_ShapeOf(x), d, where)
+        self.note_weights(list(args) + list(kwargs.values()), where)
         if any(_chans(a) for a in list(args) + list(kwargs.values())):
             raise _Unsupported(f"consumed by {where}, an op the channel analysis does not follow")
         return None
+
+    def note_weights(self, values: list, where: str) -> None:
+        """Weights read by an op the analysis does not follow: say so, since no group will hold them."""
+        for v in values:
+            for item in (v if isinstance(v, (list, tuple)) else (v,)):
+                if isinstance(item, _Param):
+                    self.weight_notes.setdefault(item.name, f"{where}")
 
     # -------------------------------------------------------------- handlers
     def attention_heads(self, x: Any, spec: AttentionSpec, name: str) -> Any:
@@ -828,7 +845,8 @@ def build_channel_graph(
             if reason not in grp.blockers:
                 grp.blockers.append(reason)
     _add_cells(groups, an.partitions, channel_of, group_of)
-    return ChannelGraph(groups=groups, layer_attrs=an.layer_attrs, attention=an.attention)
+    return ChannelGraph(groups=groups, layer_attrs=an.layer_attrs, attention=an.attention,
+                        weight_notes=an.weight_notes)
 
 
 def connected_components(n: int, pairs: torch.Tensor) -> tuple[torch.Tensor, int]:
