@@ -104,7 +104,7 @@ def prepare(
     if channel_pruners:  # pattern: channel -- analyse channel dependencies once (fxprune.structured)
         from fxprune.structured import attach_channel_plan
 
-        attach_channel_plan(gm, channel_pruners)
+        attach_channel_plan(gm, channel_pruners, example)
     if optimizer is not None:
         gm.pruner.attach(optimizer, steps_per_epoch=steps_per_epoch, replace=prepared_parameter_map(model, gm))
     gm.train(model.training)

@@ -256,3 +256,26 @@ def test_attention_called_with_a_keyword_input_is_pruned():
     x = torch.randn(2, 5, 6)
     with torch.no_grad():
         torch.testing.assert_close(shrunk(x), prepared(x), atol=1e-5, rtol=1e-4)
+
+
+def test_llama_heads_are_proven_with_the_example_call_and_gqa_is_reported():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    ids = torch.randint(0, 100, (2, 8))
+    for kv in (4, 2):
+        cfg = transformers.LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=kv)
+        model = transformers.LlamaModel(cfg).eval()
+        prepared, shrunk = prune(model, 0.5, example_inputs=(ids,))
+        attention = channel_plan_of(prepared).channels.attention
+        if kv == 4:  # Llama's forward needs position_embeddings: proven with the call the example run made
+            assert len(attention) == 2
+            assert all(layer.self_attn.q_proj.weight.shape == (32, 64) for layer in shrunk.layers)
+            for x in (ids, torch.randint(0, 100, (3, 11))):
+                with torch.no_grad():
+                    torch.testing.assert_close(shrunk(x).last_hidden_state, prepared(x).last_hidden_state,
+                                               atol=1e-5, rtol=1e-4)
+        else:
+            assert not attention
+            reasons = channel_report(prepared)["p"].dense_reasons
+            assert "grouped key/value heads" in reasons["layers.0.self_attn.q_proj.weight"]

@@ -16,6 +16,7 @@ import torch.fx as fx
 from torch import nn
 
 from fxprune.masked import MaskedParameter
+from fxprune.structured.attention import record_attention_calls, refusal
 from fxprune.structured.dependency import (
     OUT_BLOCK,
     AttentionMemo,
@@ -110,11 +111,17 @@ def channel_report(prepared: nn.Module) -> dict[str, ChannelReport]:
     return plan.reports
 
 
-def attach_channel_plan(prepared: fx.GraphModule, channel_pruners: list[str] | tuple[str, ...]) -> ChannelPlan:
+def attach_channel_plan(
+    prepared: fx.GraphModule,
+    channel_pruners: list[str] | tuple[str, ...],
+    example: tuple[tuple, dict] | None = None,
+) -> ChannelPlan:
     """Analyse ``prepared`` and keep the plan on it; called by ``prepare`` for channel pruners.
 
     Every target of a channel pruner gets a reference to the plan, because
-    the mask update sees only the masked modules of one pruner.
+    the mask update sees only the masked modules of one pruner. ``example``
+    (``prepare``'s ``example_inputs`` as ``(args, kwargs)``) lets attention
+    modules be proven with the arguments they really get.
     """
     pruner = prepared.pruner
     masked_by_name: dict[str, MaskedParameter] = {}
@@ -145,7 +152,8 @@ def attach_channel_plan(prepared: fx.GraphModule, channel_pruners: list[str] | t
             return t.param
         return t if isinstance(t, torch.Tensor) else None
 
-    attention = AttentionMemo()  # proven once, used by the tracer (as leaves) and by the analysis
+    calls = record_attention_calls(prepared, *example) if example is not None else None
+    attention = AttentionMemo(calls)  # proven once, used by the tracer (as leaves) and by the analysis
     untraced: dict[str, str] = {}  # module -> why it could not be traced (the analysis looked inside)
     graphs = list(_graphs(prepared, attention, untraced))
     cg = build_channel_graph(prepared, graphs, tensor_of, attention)
@@ -189,7 +197,7 @@ def attach_channel_plan(prepared: fx.GraphModule, channel_pruners: list[str] | t
             if name in in_groups:
                 reports[p].dense_reasons[name] = "its groups are excluded (see above)"
             else:
-                reports[p].dense_reasons[name] = _why_not_reached(prepared, name, cg.weight_notes, untraced)
+                reports[p].dense_reasons[name] = _why_not_reached(prepared, name, cg.weight_notes, untraced, attention)
 
     plan = ChannelPlan(cg, masked_by_name, owner, eligible, reports, tuple(channel_pruners))
     prepared.__dict__[_ATTR] = plan
@@ -199,8 +207,19 @@ def attach_channel_plan(prepared: fx.GraphModule, channel_pruners: list[str] | t
     return plan
 
 
-def _why_not_reached(prepared: nn.Module, name: str, notes: dict[str, str], untraced: dict[str, str]) -> str:
-    """Why no channel group holds weight ``name``: the op that read it, or the module the analysis could not trace."""
+def _why_not_reached(prepared: nn.Module, name: str, notes: dict[str, str], untraced: dict[str, str],
+                     attention: AttentionMemo) -> str:
+    """Why no channel group holds weight ``name``: attention it cannot prove, the op that read it, or untraceable code."""
+    parts = name.split(".")
+    for i in range(len(parts) - 2, 0, -1):  # the innermost attention-like module holding the weight
+        prefix = ".".join(parts[:i])
+        try:
+            mod = prepared.get_submodule(prefix)
+        except AttributeError:
+            continue
+        why = refusal(mod) if attention(mod) is None else None
+        if why is not None:
+            return f"{prefix}: {why}"
     if name in notes:
         return f"read by an op the analysis does not follow: {notes[name]}"
     owner = name.rpartition(".")[0]

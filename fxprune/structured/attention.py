@@ -31,7 +31,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-__all__ = ["AttentionSpec", "attention_spec", "set_head_attributes"]
+__all__ = ["AttentionSpec", "attention_spec", "is_candidate", "record_attention_calls", "refusal",
+           "set_head_attributes"]
 
 _PROJECTIONS = (("query", "key", "value"), ("q_proj", "k_proj", "v_proj"), ("q_lin", "k_lin", "v_lin"))
 _OUTPUTS = ("o_proj", "out_proj", "out_lin", "dense")
@@ -147,28 +148,63 @@ def _first(out: object) -> torch.Tensor | None:
     return out if isinstance(out, torch.Tensor) else None
 
 
-def attention_spec(module: nn.Module) -> AttentionSpec | None:
-    """The proven head layout of ``module``, or None (not attention, or removing a head is not exact)."""
+def refusal(module: nn.Module) -> str | None:
+    """Why a module that holds query/key/value projections gets no heads pruned (None if it does not hold them)."""
+    for names in _PROJECTIONS:
+        projs = [_linear(module, n) for n in names]
+        if any(p is None for p in projs):
+            continue
+        q, k, v = projs
+        if k.out_features != q.out_features or v.out_features != q.out_features:
+            return (f"attention with grouped key/value heads ({names[1]}/{names[2]} are {k.out_features} wide, "
+                    f"{names[0]} {q.out_features}): removing whole key/value groups is not supported")
+        if _candidate(module) is None:
+            return "attention without a head size or head count attribute fxprune knows"
+        return ("attention whose forward did not give the same output with one head cut out (it may read the "
+                "head count as a constant, or need arguments the proof could not supply: pass example_inputs)")
+    return None
+
+
+def is_candidate(module: nn.Module) -> bool:
+    """Does ``module`` look like multi-head attention (before any proof)?"""
+    return _candidate(module) is not None
+
+
+def attention_spec(module: nn.Module, call: tuple[tuple, dict] | None = None) -> AttentionSpec | None:
+    """The proven head layout of ``module``, or None (not attention, or removing a head is not exact).
+
+    The proof calls the module with a random input alone, or -- when
+    ``prepare`` got ``example_inputs`` -- exactly as the example run called it
+    (``call``: its recorded arguments), which is what forwards that need more
+    than their input (Llama's ``position_embeddings``) require.
+    """
     spec = _candidate(module)
     if spec is None:
         return None
     try:
         base = _plain_copy(module)
         ref = base.get_submodule(spec.q).weight
-        x = torch.randn(2, 5, spec.hidden, generator=torch.Generator().manual_seed(0)).to(ref)
+        if call is None:
+            x = torch.randn(2, 5, spec.hidden, generator=torch.Generator().manual_seed(0)).to(ref)
+            call = ((x,), {})
+
+        def run(m: nn.Module) -> object:  # a fresh copy of the call each time: caches in it get updated
+            args, kwargs = copy.deepcopy(call)
+            return m(*args, **kwargs)
+
         with torch.no_grad():
-            raw = base(x)
+            raw = run(base)
             full = _first(raw)
             head = spec.heads - 1
             d = spec.head_dim
             if spec.out is not None:  # the masked model: the head's output-projection columns are zero
                 base.get_submodule(spec.out).weight[:, head * d:(head + 1) * d] = 0
-                expected = _first(base(x))
+                expected = _first(run(base))
             else:
                 expected = None if full is None else full[..., : head * d]
             cut = _plain_copy(module)
             _cut_head(cut, spec, head)
-            got = _first(cut(x))
+            got = _first(run(cut))
     except Exception:  # noqa: BLE001 - any failure means: not provably head-prunable
         return None
     if expected is None or got is None or got.shape != expected.shape:
@@ -179,3 +215,41 @@ def attention_spec(module: nn.Module) -> AttentionSpec | None:
         return None
     return AttentionSpec(spec.q, spec.k, spec.v, spec.out, spec.heads, spec.head_dim, spec.hidden,
                          isinstance(raw, (tuple, list)), spec.head_count_attrs, spec.width_attrs)
+
+
+def record_attention_calls(model: nn.Module, args: tuple, kwargs: dict) -> dict[int, tuple[tuple, dict]]:
+    """Run ``model`` once (eval, no grad) and keep the first call of every attention-like module.
+
+    Keyed by ``id(module)``; tensors are detached copies. Buffers and the
+    global RNG are left as they were.
+    """
+    calls: dict[int, tuple[tuple, dict]] = {}
+    candidates = [m for m in model.modules() if m is not model and is_candidate(m)]
+    if not candidates:
+        return calls
+
+    def hook(module: nn.Module, a: tuple, kw: dict) -> None:
+        if id(module) not in calls:
+            try:  # a snapshot: caches passed along (KV caches) are updated by the call itself
+                calls[id(module)] = copy.deepcopy((a, kw))
+            except Exception:  # noqa: BLE001 - not copyable: prove it with the input alone
+                pass
+
+    handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in candidates]
+    modes = [(m, m.training) for m in model.modules()]
+    saved = [(b, b.clone()) for b in model.buffers()]
+    try:
+        model.eval()
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            model(*args, **kwargs)
+    except Exception:  # noqa: BLE001 - no recorded calls: the proof falls back to the input alone
+        calls.clear()
+    finally:
+        for h in handles:
+            h.remove()
+        for m, mode in modes:
+            m.training = mode
+        with torch.no_grad():
+            for b, value in saved:
+                b.copy_(value)
+    return calls

@@ -176,14 +176,15 @@ class _ChannelTracer(fx.Tracer):
 class AttentionMemo:
     """:func:`~fxprune.structured.attention.attention_spec` of each module, proven once per analysis."""
 
-    def __init__(self) -> None:
+    def __init__(self, calls: dict[int, tuple[tuple, dict]] | None = None) -> None:
         self._specs: dict[int, AttentionSpec | None] = {}
         self._alive: list[nn.Module] = []  # ids stay valid while the analysis runs
+        self._calls = calls or {}  # id(module) -> how the example run called it
 
     def __call__(self, m: nn.Module) -> AttentionSpec | None:
         key = id(m)
         if key not in self._specs:
-            self._specs[key] = attention_spec(m)
+            self._specs[key] = attention_spec(m, self._calls.get(key))
             self._alive.append(m)
         return self._specs[key]
 
