@@ -5,6 +5,7 @@ import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -346,3 +347,32 @@ def test_every_dense_weight_comes_with_a_reason():
     assert "w: read by an op" in str(report)
     assert prepared.pruner.prepare_report.traced  # a tensor made in the forward is not a train/eval difference
     assert "fc1.weight" not in report.dense_weights  # the hidden channels of fc1 -> fc2 are prunable
+
+
+class Upsampled(nn.Module):
+    """An FPN-style top-down add: a skip connection plus an interpolated coarser map (an op not followed)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.down = nn.Conv2d(8, 8, 3, stride=2, padding=1)
+        self.lateral = nn.Conv2d(8, 8, 1)
+        self.head = nn.Conv2d(8, 2, 1)
+
+    def forward(self, x):
+        s = torch.relu(self.stem(x))
+        coarse = torch.relu(self.down(s))
+        up = F.interpolate(coarse, scale_factor=2.0)
+        return self.head(torch.relu(self.lateral(s) + up))
+
+
+def test_add_with_an_untracked_tensor_blocks_the_channels():
+    """lateral's channels meet F.interpolate(down): pruning them alone would break the add after shrinking."""
+    torch.manual_seed(0)
+    prepared, shrunk = prune_and_shrink(Upsampled(), 0.5)
+    assert shrunk.lateral.out_channels == 8
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(shrunk(x), prepared(x), atol=1e-5, rtol=1e-4)
+    reasons = [r for _, _, _, rs in channel_report(prepared)["p"].excluded for r in rs]
+    assert any("not tracked" in r for r in reasons)

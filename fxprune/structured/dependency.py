@@ -257,6 +257,16 @@ class _ShapeOf:
     chan: _Chan
 
 
+class _Opaque:
+    """A tensor whose channel layout is unknown: a graph input, or the result of an op the analysis does not
+    follow applied to tracked channels (``F.interpolate`` of a feature map). Combining a tracked activation
+    with it elementwise blocks the activation's channels: the two may have the same channel count, and a
+    shrunk activation would no longer broadcast against it."""
+
+
+_OPAQUE = _Opaque()
+
+
 @dataclass
 class _Tuple:
     """A module output that is a tuple (``(context, attention weights)`` of an attention module)."""
@@ -369,8 +379,9 @@ class _Analysis:
             try:
                 env[node] = self.visit(node, env, prefix)
             except _Unsupported as e:
+                tracked = any(_chans(env.get(inp)) for inp in node.all_input_nodes)
                 self.block_inputs(node, env, e.reason)
-                env[node] = None
+                env[node] = _OPAQUE if tracked else None
 
     def block_inputs(self, node: fx.Node, env: dict[fx.Node, Any], reason: str) -> None:
         for inp in node.all_input_nodes:
@@ -384,7 +395,7 @@ class _Analysis:
         target = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
         where = f"node {node.name!r} ({node.op} {target})"
         if node.op == "placeholder":
-            return None
+            return _OPAQUE
         if node.op == "output":
             self.block_inputs(node, env, "reaches the output of the traced graph (its size is part of the interface)")
             return None
@@ -424,7 +435,7 @@ class _Analysis:
                 f"nn.MultiheadAttention {name}: its heads cannot be removed (its forward requires num_heads x "
                 "head_dim == embed_dim) and it reads its input and output channels itself")
         if isinstance(m, self.elementwise_modules):
-            return x if isinstance(x, _Chan) else None
+            return x if isinstance(x, (_Chan, _Opaque)) else None
         if isinstance(m, nn.Flatten):
             return self.flatten(x, m.start_dim, m.end_dim)
         if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and type(m).forward in (
@@ -514,7 +525,7 @@ class _Analysis:
         if name in _UNARY_METHODS:
             if name in ("to", "type_as") and any(isinstance(a, _Chan) for a in args[1:]):
                 raise _Unsupported(f"consumed by {where}")
-            return x if isinstance(x, _Chan) else None
+            return x if isinstance(x, (_Chan, _Opaque)) else None
         if name in _BINARY_METHODS:
             return self.binary(x, args[1] if len(args) > 1 else kwargs.get("other"), where)
         if name == "permute":
@@ -659,7 +670,7 @@ class _Analysis:
         for a in args[1:]:
             if isinstance(a, (_Chan, _ShapeOf)):
                 raise _Unsupported(f"consumed by {where} as a second operand")
-        return x if isinstance(x, _Chan) else None
+        return x if isinstance(x, (_Chan, _Opaque)) else None
 
     def binary(self, a: Any, b: Any, where: str) -> Any:
         if isinstance(a, _ShapeOf) or isinstance(b, _ShapeOf):
@@ -671,7 +682,10 @@ class _Analysis:
             return _Chan(a.dim, a.atoms, a.ndim or b.ndim)
         x, other = (a, b) if isinstance(a, _Chan) else (b, a)
         if not isinstance(x, _Chan):
-            return None
+            return _OPAQUE if isinstance(a, _Opaque) or isinstance(b, _Opaque) else None
+        if isinstance(other, _Opaque):
+            raise _Unsupported(f"{where}: combined with a tensor whose channel layout is not tracked (a graph input "
+                               "or the result of an op the analysis does not follow)")
         if isinstance(other, (int, float, bool)) or other is None:
             return x
         if isinstance(other, _Param):
