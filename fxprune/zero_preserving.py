@@ -61,6 +61,7 @@ class GradStamps:
     """
 
     def __init__(self, masked: Iterable[MaskedParameter]):
+        masked = list(masked)
         self._masked_of = {id(m.param): m for m in masked}
         self._stamps: dict[int, tuple[weakref.ref, int, int]] = {}
         self._handles = [m.param.register_post_accumulate_grad_hook(self._after_accumulate) for m in masked]
