@@ -258,7 +258,7 @@ def test_attention_called_with_a_keyword_input_is_pruned():
         torch.testing.assert_close(shrunk(x), prepared(x), atol=1e-5, rtol=1e-4)
 
 
-def test_llama_heads_are_proven_with_the_example_call_and_gqa_is_reported():
+def test_llama_heads_and_gqa_groups_are_proven_with_the_example_call():
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
     ids = torch.randint(0, 100, (2, 8))
@@ -266,16 +266,51 @@ def test_llama_heads_are_proven_with_the_example_call_and_gqa_is_reported():
         cfg = transformers.LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                        num_attention_heads=4, num_key_value_heads=kv)
         model = transformers.LlamaModel(cfg).eval()
+        # Llama's forward needs position_embeddings: proven with the call the example run made
         prepared, shrunk = prune(model, 0.5, example_inputs=(ids,))
-        attention = channel_plan_of(prepared).channels.attention
-        if kv == 4:  # Llama's forward needs position_embeddings: proven with the call the example run made
-            assert len(attention) == 2
-            assert all(layer.self_attn.q_proj.weight.shape == (32, 64) for layer in shrunk.layers)
-            for x in (ids, torch.randint(0, 100, (3, 11))):
-                with torch.no_grad():
-                    torch.testing.assert_close(shrunk(x).last_hidden_state, prepared(x).last_hidden_state,
-                                               atol=1e-5, rtol=1e-4)
-        else:
-            assert not attention
-            reasons = channel_report(prepared)["p"].dense_reasons
-            assert "grouped key/value heads" in reasons["layers.0.self_attn.q_proj.weight"]
+        assert len(channel_plan_of(prepared).channels.attention) == 2
+        for layer in shrunk.layers:  # half the heads; with GQA half the key/value groups (each with its queries)
+            assert layer.self_attn.q_proj.weight.shape == (32, 64)
+            assert layer.self_attn.k_proj.weight.shape == (16 * kv // 2, 64)
+        for x in (ids, torch.randint(0, 100, (3, 11))):
+            with torch.no_grad():
+                torch.testing.assert_close(shrunk(x).last_hidden_state, prepared(x).last_hidden_state,
+                                           atol=1e-5, rtol=1e-4)
+
+
+class GroupedAttention(nn.Module):
+    """Grouped-query attention: ``kv`` key/value heads, each shared by ``heads // kv`` query heads."""
+
+    def __init__(self, hidden: int, heads: int, kv: int, head_dim: int):
+        super().__init__()
+        self.num_heads, self.num_key_value_heads, self.head_dim = heads, kv, head_dim
+        self.q_proj = nn.Linear(hidden, heads * head_dim)
+        self.k_proj = nn.Linear(hidden, kv * head_dim)
+        self.v_proj = nn.Linear(hidden, kv * head_dim)
+        self.o_proj = nn.Linear(heads * head_dim, hidden)
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, -1, self.head_dim).transpose(1, 2)
+        k, v = (p(x).view(b, t, -1, self.head_dim).transpose(1, 2) for p in (self.k_proj, self.v_proj))
+        g = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)
+        out = F.scaled_dot_product_attention(q, k, v)
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+
+
+@settings(max_examples=15, deadline=None)
+@given(kv=st.integers(2, 4), group=st.integers(1, 3), head_dim=st.integers(1, 4), goal=st.floats(0.2, 0.9),
+       seed=st.integers(0, 2**16))
+def test_grouped_query_attention_loses_whole_groups(kv, group, head_dim, goal, seed):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(6, 8), GroupedAttention(8, kv * group, kv, head_dim), nn.Linear(8, 3))
+    prepared, shrunk = prune(model, goal)
+    removed = min(int(goal * kv + 0.5), kv - 1)
+    attn = shrunk[1]
+    assert attn.k_proj.weight.shape[0] == (kv - removed) * head_dim
+    assert attn.q_proj.weight.shape[0] == (kv - removed) * group * head_dim
+    assert attn.num_key_value_heads == kv - removed and attn.num_heads == (kv - removed) * group
+    x = torch.randn(2, 5, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(shrunk(x), prepared(x), atol=1e-5, rtol=1e-4)

@@ -38,6 +38,7 @@ _PROJECTIONS = (("query", "key", "value"), ("q_proj", "k_proj", "v_proj"), ("q_l
 _OUTPUTS = ("o_proj", "out_proj", "out_lin", "dense")
 _HEAD_DIM_ATTRS = ("attention_head_size", "head_dim", "dim_per_head", "head_size")
 _HEAD_COUNT_ATTRS = ("num_attention_heads", "num_heads", "n_heads", "n_head")
+_KV_HEAD_COUNT_ATTRS = ("num_key_value_heads", "num_kv_heads", "n_kv_heads")
 _WIDTH_ATTRS = ("all_head_size", "inner_dim")
 
 
@@ -55,6 +56,13 @@ class AttentionSpec:
     returns_tuple: bool  # forward returns (output, ...) rather than a tensor
     head_count_attrs: tuple[str, ...]
     width_attrs: tuple[str, ...]
+    group: int = 1  # query heads per key/value head (grouped-query attention); a channel is one such group
+    kv_count_attrs: tuple[str, ...] = ()
+
+    @property
+    def channels(self) -> int:
+        """Prunable units: heads, or key/value groups (one k/v head and its ``group`` query heads)."""
+        return self.heads // self.group
 
 
 def _linear(module: nn.Module, name: str) -> nn.Linear | None:
@@ -72,7 +80,8 @@ def _candidate(module: nn.Module) -> AttentionSpec | None:
             continue
         q, k, v = projs
         width, hidden = q.out_features, q.in_features
-        if k.out_features != width or v.out_features != width or k.in_features != v.in_features:
+        kv_width = k.out_features
+        if v.out_features != kv_width or k.in_features != v.in_features or kv_width == 0 or width % kv_width:
             return None
         head_dim = next((getattr(module, a) for a in _HEAD_DIM_ATTRS
                          if isinstance(getattr(module, a, None), int) and getattr(module, a) > 0), None)
@@ -80,15 +89,18 @@ def _candidate(module: nn.Module) -> AttentionSpec | None:
         if head_dim is None and count_attrs:
             heads = getattr(module, count_attrs[0])
             head_dim = width // heads if heads > 0 and width % heads == 0 else None
-        if head_dim is None or width % head_dim or width // head_dim < 2:
+        if head_dim is None or width % head_dim or kv_width % head_dim:
             return None
-        heads = width // head_dim
+        heads, kv_heads = width // head_dim, kv_width // head_dim
+        if kv_heads < 2:
+            return None
         count_attrs = tuple(a for a in count_attrs if getattr(module, a) == heads)
+        kv_attrs = tuple(a for a in _KV_HEAD_COUNT_ATTRS if getattr(module, a, None) == kv_heads)
         width_attrs = tuple(a for a in _WIDTH_ATTRS if getattr(module, a, None) == width)
         out = next((o for o in _OUTPUTS if _linear(module, o) is not None and _linear(module, o).in_features == width),
                    None)
         return AttentionSpec(names[0], names[1], names[2], out, heads, head_dim, hidden, False, count_attrs,
-                             width_attrs)
+                             width_attrs, heads // kv_heads, kv_attrs)
     return None
 
 
@@ -98,6 +110,8 @@ def set_head_attributes(module: nn.Module, spec: AttentionSpec) -> None:
     heads = q.weight.shape[0] // spec.head_dim
     for a in spec.head_count_attrs:
         setattr(module, a, heads)
+    for a in spec.kv_count_attrs:
+        setattr(module, a, module.get_submodule(spec.k).weight.shape[0] // spec.head_dim)
     for a in spec.width_attrs:
         setattr(module, a, heads * spec.head_dim)
     for name in (spec.q, spec.k, spec.v):
@@ -125,20 +139,25 @@ def _plain_copy(module: nn.Module) -> nn.Module:
     return c.eval()
 
 
-def _cut_head(module: nn.Module, spec: AttentionSpec, head: int) -> None:
-    d = spec.head_dim
-    keep = torch.ones(spec.heads * d, dtype=torch.bool)
-    keep[head * d:(head + 1) * d] = False
-    rows = keep.nonzero().reshape(-1)
+def _kept(n_blocks: int, block: int, cut: int) -> torch.Tensor:
+    keep = torch.ones(n_blocks * block, dtype=torch.bool)
+    keep[cut * block:(cut + 1) * block] = False
+    return keep.nonzero().reshape(-1)
+
+
+def _cut_head(module: nn.Module, spec: AttentionSpec, channel: int) -> None:
+    """Cut one channel (a head, or a key/value group with its query heads) out of the projections."""
+    d, g, n = spec.head_dim, spec.group, spec.channels
+    q_rows, kv_rows = _kept(n, g * d, channel), _kept(n, d, channel)
     with torch.no_grad():
-        for name in (spec.q, spec.k, spec.v):
+        for name, rows in ((spec.q, q_rows), (spec.k, kv_rows), (spec.v, kv_rows)):
             lin = module.get_submodule(name)
             lin.weight = nn.Parameter(lin.weight.index_select(0, rows), requires_grad=False)
             if lin.bias is not None:
                 lin.bias = nn.Parameter(lin.bias.index_select(0, rows), requires_grad=False)
         if spec.out is not None:
             lin = module.get_submodule(spec.out)
-            lin.weight = nn.Parameter(lin.weight.index_select(1, rows), requires_grad=False)
+            lin.weight = nn.Parameter(lin.weight.index_select(1, q_rows), requires_grad=False)
     set_head_attributes(module, spec)
 
 
@@ -155,9 +174,9 @@ def refusal(module: nn.Module) -> str | None:
         if any(p is None for p in projs):
             continue
         q, k, v = projs
-        if k.out_features != q.out_features or v.out_features != q.out_features:
-            return (f"attention with grouped key/value heads ({names[1]}/{names[2]} are {k.out_features} wide, "
-                    f"{names[0]} {q.out_features}): removing whole key/value groups is not supported")
+        if v.out_features != k.out_features or not k.out_features or q.out_features % k.out_features:
+            return (f"attention whose key/value width ({names[1]}/{names[2]}: {k.out_features}, "
+                    f"{v.out_features}) does not divide the query width ({q.out_features}) into groups")
         if _candidate(module) is None:
             return "attention without a head size or head count attribute fxprune knows"
         return ("attention whose forward did not give the same output with one head cut out (it may read the "
@@ -195,15 +214,15 @@ def attention_spec(module: nn.Module, call: tuple[tuple, dict] | None = None) ->
         with torch.no_grad():
             raw = run(base)
             full = _first(raw)
-            head = spec.heads - 1
-            d = spec.head_dim
-            if spec.out is not None:  # the masked model: the head's output-projection columns are zero
-                base.get_submodule(spec.out).weight[:, head * d:(head + 1) * d] = 0
+            last = spec.channels - 1
+            w = spec.group * spec.head_dim  # context columns per channel
+            if spec.out is not None:  # the masked model: the channel's output-projection columns are zero
+                base.get_submodule(spec.out).weight[:, last * w:(last + 1) * w] = 0
                 expected = _first(run(base))
             else:
-                expected = None if full is None else full[..., : head * d]
+                expected = None if full is None else full[..., : last * w]
             cut = _plain_copy(module)
-            _cut_head(cut, spec, head)
+            _cut_head(cut, spec, last)
             got = _first(run(cut))
     except Exception:  # noqa: BLE001 - any failure means: not provably head-prunable
         return None
@@ -214,7 +233,8 @@ def attention_spec(module: nn.Module, call: tuple[tuple, dict] | None = None) ->
     if not torch.allclose(got, expected, rtol=1e-4, atol=1e-5 * max(1.0, float(expected.abs().max()))):
         return None
     return AttentionSpec(spec.q, spec.k, spec.v, spec.out, spec.heads, spec.head_dim, spec.hidden,
-                         isinstance(raw, (tuple, list)), spec.head_count_attrs, spec.width_attrs)
+                         isinstance(raw, (tuple, list)), spec.head_count_attrs, spec.width_attrs, spec.group,
+                         spec.kv_count_attrs)
 
 
 def record_attention_calls(model: nn.Module, args: tuple, kwargs: dict) -> dict[int, tuple[tuple, dict]]:

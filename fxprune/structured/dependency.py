@@ -568,20 +568,20 @@ class _Analysis:
         for proj in (spec.q, spec.k, spec.v) + ((spec.out,) if spec.out is not None else ()):
             self.weight(f"{name}.{proj}.weight", where)  # all present before any slice is recorded
         in_atoms, chan = self.input_atoms(x, -1, spec.hidden, where)
-        heads = self.new_atoms(spec.heads)
-        for proj in (spec.q, spec.k, spec.v):
+        heads = self.new_atoms(spec.channels)  # heads, or key/value groups of grouped-query attention
+        for proj, block in ((spec.q, spec.group * spec.head_dim), (spec.k, spec.head_dim), (spec.v, spec.head_dim)):
             w = f"{name}.{proj}.weight"
             self.add_slice(w, 1, IN, in_atoms, is_weight=True)
-            self.add_slice(w, 0, OUT_BLOCK, heads, is_weight=True, block=spec.head_dim)
+            self.add_slice(w, 0, OUT_BLOCK, heads, is_weight=True, block=block)
             if self.tensor_of(f"{name}.{proj}.bias") is not None:
-                self.add_slice(f"{name}.{proj}.bias", 0, OUT_BLOCK, heads, block=spec.head_dim)
+                self.add_slice(f"{name}.{proj}.bias", 0, OUT_BLOCK, heads, block=block)
             self.layer_attrs[f"{name}.{proj}"] = "linear"
         self.attention[name] = spec
         ndim = chan.ndim if chan is not None else None
         out: _Chan = _Chan(-1, heads, ndim, flat=True)
         if spec.out is not None:
             w = f"{name}.{spec.out}.weight"
-            self.add_slice(w, 1, IN_BLOCK, heads, is_weight=True, block=spec.head_dim)
+            self.add_slice(w, 1, IN_BLOCK, heads, is_weight=True, block=spec.group * spec.head_dim)
             out_atoms = self.new_atoms(self.tensor_of(w).shape[0])
             self.add_slice(w, 0, OUT, out_atoms, is_weight=True)
             if self.tensor_of(f"{name}.{spec.out}.bias") is not None:
