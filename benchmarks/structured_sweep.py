@@ -180,15 +180,37 @@ def bert_case(hidden: int = 768, layers: int = 12, heads: int = 12, intermediate
                 pass_example_inputs=True, note=f"h{hidden} L{layers} H{heads} seq{seq}")
 
 
+def llama_case(hidden: int = 512, layers: int = 8, heads: int = 8, kv_heads: int = 4, intermediate: int = 1376,
+               vocab: int = 32000, seq: int = 128, name: str = "llama") -> Case:
+    """Hugging Face ``LlamaModel`` with grouped-query attention (random init), decoder-layer weights pruned.
+
+    Its attention needs ``position_embeddings``, so it is proven with the call the example run made; a
+    channel of its attention is one key/value head with the query heads that share it.
+    """
+
+    def build() -> nn.Module:
+        import transformers
+
+        cfg = transformers.LlamaConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                                       num_key_value_heads=kv_heads, intermediate_size=intermediate,
+                                       vocab_size=vocab)
+        return transformers.LlamaModel(cfg).eval()
+
+    return Case(name, build, lambda: (torch.randint(0, vocab, (1, seq)),), weights=(r"re:layers\..*\.weight",),
+                pass_example_inputs=True, note=f"h{hidden} L{layers} H{heads} KV{kv_heads} seq{seq}")
+
+
 VISION = ("resnet18", "resnet50", "mobilenet_v3_small", "mobilenet_v3_large", "efficientnet_b0", "convnext_tiny",
           "vit_b_16")
-CASES: tuple[str, ...] = (*VISION, "bert")
+CASES: tuple[str, ...] = (*VISION, "bert", "llama")
 
 
 def make_case(name: str, image_size: int = 224) -> Case:
     """The sweep's case for a name of :data:`CASES` (BERT at bert-base size)."""
     if name == "bert":
         return bert_case()
+    if name == "llama":
+        return llama_case()
     if name in VISION:
         return vision_case(name, image_size)
     raise ValueError(f"unknown model {name!r}; choose from {', '.join(CASES)}")
