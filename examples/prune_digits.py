@@ -107,6 +107,9 @@ def train_pruned(prepared: nn.Module, loader: DataLoader, test: TensorDataset, e
     """Fine-tune with the seed's training-loop hooks, exactly where the seed design puts them."""
     pruner = prepared.pruner
     optimizer = torch.optim.Adam(prepared.parameters(), lr=1e-3)  # the prepared model owns the parameters
+    # Optional: with the optimizer attached (no steps_per_epoch: the hooks keep driving epochs), the pruner
+    # zeroes Adam's moments at pruned entries and skips re-zeroing weights after steps that provably kept them 0.
+    pruner.attach(optimizer)
     criterion = nn.CrossEntropyLoss()
     prepared.train()
     for epoch in range(epochs):
