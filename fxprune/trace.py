@@ -377,14 +377,16 @@ def _mode_dependent(module: nn.Module, graph: fx.Graph, retrace: Any) -> str | N
     module.train(not module.training)
     try:
         _, other, error = retrace()
+        # Both traces' tensor constants are on ``module`` until the finally: compare them by value.
+        theirs = None if error is not None else [_signature(n, module) for n in other.nodes]
     finally:
         for m, mode in modes:
             m.training = mode
         for name in set(module.__dict__) - before:
             del module.__dict__[name]
-    if error is not None:
+    if theirs is None:
         return ""
-    mine, theirs = [_signature(n) for n in graph.nodes], [_signature(n) for n in other.nodes]
+    mine = [_signature(n, module) for n in graph.nodes]
     for tag, i1, i2, j1, j2 in difflib.SequenceMatcher(None, mine, theirs, autojunk=False).get_opcodes():
         if tag != "equal":
             stack = (mine[i1:i2] or theirs[j1:j2])[0][2]
@@ -392,17 +394,21 @@ def _mode_dependent(module: nn.Module, graph: fx.Graph, retrace: Any) -> str | N
     return None
 
 
-def _signature(node: fx.Node) -> tuple:
-    """What a node does, and inside which module, with references to other nodes blanked out."""
+def _signature(node: fx.Node, root: nn.Module) -> tuple:
+    """What a node does, and inside which module, with references to other nodes blanked out.
+
+    A tensor made in the forward (``torch.zeros(6)``) is a ``_tensor_constantN``
+    attribute of ``root``, numbered anew by each trace: it is compared by value.
+    """
     def blank(a: Any) -> Any:
         return "%" if isinstance(a, fx.Node) else a
 
     stack = tuple(q for q, _ in (node.meta.get("nn_module_stack") or {}).values())
     args = fx.node.map_aggregate(node.args, blank), fx.node.map_aggregate(node.kwargs, blank)
-    target = str(node.target)
+    target: Any = str(node.target)
     if node.op == "get_attr" and target.startswith("_tensor_constant"):
-        # a tensor made in the forward (torch.zeros(6)): the second trace numbers its copy anew
-        target = "_tensor_constant"
+        t = getattr(root, target).detach().cpu().contiguous()
+        target = ("_tensor_constant", tuple(t.shape), str(t.dtype), t.view(-1).view(torch.uint8).numpy().tobytes())
     return (node.op, target, stack, repr(args))
 
 

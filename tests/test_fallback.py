@@ -228,3 +228,27 @@ def test_tensors_made_in_the_forward_are_not_a_train_eval_difference():
     assert prepared.pruner.prepare_report.traced
     x = torch.randn(3, 4)
     torch.testing.assert_close(prepared(x), model(x))
+
+
+class ModeConstant(nn.Module):
+    """A tensor made in the forward whose value depends on the mode: a real train/eval difference."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.fc(x) * (torch.tensor(0.5) if self.training else torch.tensor(2.0))
+
+
+def test_a_mode_dependent_tensor_constant_is_a_train_eval_difference():
+    import warnings
+
+    model = ModeConstant()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        prepared = fxprune.prepare(model, {"magnitude": {"p": {}}})
+    x = torch.randn(3, 4)
+    for mode in (True, False):
+        prepared.train(mode), model.train(mode)
+        torch.testing.assert_close(prepared(x), model(x))
