@@ -70,42 +70,56 @@ def _linear(module: nn.Module, name: str) -> nn.Linear | None:
     return child if isinstance(child, nn.Linear) and type(child).forward is nn.Linear.forward else None
 
 
-def _candidate(module: nn.Module) -> AttentionSpec | None:
-    """The spec that ``module``'s attributes suggest (unproven), or None."""
+def _projections(module: nn.Module) -> tuple[tuple[str, str, str], nn.Linear, nn.Linear, nn.Linear] | None:
+    """The query/key/value ``nn.Linear`` children of ``module`` under one of the known naming schemes."""
     if isinstance(module, nn.MultiheadAttention):
         return None
     for names in _PROJECTIONS:
-        projs = [_linear(module, n) for n in names]
-        if any(p is None for p in projs):
-            continue
-        q, k, v = projs
-        width, hidden = q.out_features, q.in_features
-        kv_width = k.out_features
-        if v.out_features != kv_width or k.in_features != v.in_features or kv_width == 0 or width % kv_width:
-            return None
-        head_dim = next((getattr(module, a) for a in _HEAD_DIM_ATTRS
-                         if isinstance(getattr(module, a, None), int) and getattr(module, a) > 0), None)
-        count_attrs = tuple(a for a in _HEAD_COUNT_ATTRS if isinstance(getattr(module, a, None), int))
-        if head_dim is None and count_attrs:
-            heads = getattr(module, count_attrs[0])
-            head_dim = width // heads if heads > 0 and width % heads == 0 else None
-        if head_dim is None or width % head_dim or kv_width % head_dim:
-            return None
-        heads, kv_heads = width // head_dim, kv_width // head_dim
-        if kv_heads < 2:
-            return None
-        count_attrs = tuple(a for a in count_attrs if getattr(module, a) == heads)
-        kv_attrs = tuple(a for a in _KV_HEAD_COUNT_ATTRS if getattr(module, a, None) == kv_heads)
-        width_attrs = tuple(a for a in _WIDTH_ATTRS if getattr(module, a, None) == width)
-        out = next((o for o in _OUTPUTS if _linear(module, o) is not None and _linear(module, o).in_features == width),
-                   None)
-        return AttentionSpec(names[0], names[1], names[2], out, heads, head_dim, hidden, False, count_attrs,
-                             width_attrs, heads // kv_heads, kv_attrs)
+        q, k, v = (_linear(module, n) for n in names)
+        if q is not None and k is not None and v is not None:
+            return names, q, k, v
     return None
 
 
+def _grouped(q: nn.Linear, k: nn.Linear, v: nn.Linear) -> bool:
+    """Key and value of one width that divides the query width (equal: plain multi-head; smaller: GQA)."""
+    kv_width = k.out_features
+    return (v.out_features == kv_width and k.in_features == v.in_features and kv_width > 0
+            and not q.out_features % kv_width)
+
+
+def _candidate(module: nn.Module) -> AttentionSpec | None:
+    """The spec that ``module``'s attributes suggest (unproven), or None."""
+    found = _projections(module)
+    if found is None or not _grouped(*found[1:]):
+        return None
+    names, q, k, _ = found
+    width, hidden, kv_width = q.out_features, q.in_features, k.out_features
+    head_dim = next((getattr(module, a) for a in _HEAD_DIM_ATTRS
+                     if isinstance(getattr(module, a, None), int) and getattr(module, a) > 0), None)
+    count_attrs = tuple(a for a in _HEAD_COUNT_ATTRS if isinstance(getattr(module, a, None), int))
+    if head_dim is None and count_attrs:
+        heads = getattr(module, count_attrs[0])
+        head_dim = width // heads if heads > 0 and width % heads == 0 else None
+    if head_dim is None or width % head_dim or kv_width % head_dim:
+        return None
+    heads, kv_heads = width // head_dim, kv_width // head_dim
+    if kv_heads < 2:
+        return None
+    count_attrs = tuple(a for a in count_attrs if getattr(module, a) == heads)
+    kv_attrs = tuple(a for a in _KV_HEAD_COUNT_ATTRS if getattr(module, a, None) == kv_heads)
+    width_attrs = tuple(a for a in _WIDTH_ATTRS if getattr(module, a, None) == width)
+    out = next((o for o in _OUTPUTS if _linear(module, o) is not None and _linear(module, o).in_features == width),
+               None)
+    return AttentionSpec(names[0], names[1], names[2], out, heads, head_dim, hidden, False, count_attrs,
+                         width_attrs, heads // kv_heads, kv_attrs)
+
+
 def set_head_attributes(module: nn.Module, spec: AttentionSpec) -> None:
-    """After cutting heads out of the weights, make the attributes the forward reads agree."""
+    """After cutting heads out of the weights, make the head counts the forward reads agree.
+
+    (The projections' own ``in_features``/``out_features`` are the cutter's business.)
+    """
     q = module.get_submodule(spec.q)
     heads = q.weight.shape[0] // spec.head_dim
     for a in spec.head_count_attrs:
@@ -114,12 +128,6 @@ def set_head_attributes(module: nn.Module, spec: AttentionSpec) -> None:
         setattr(module, a, module.get_submodule(spec.k).weight.shape[0] // spec.head_dim)
     for a in spec.width_attrs:
         setattr(module, a, heads * spec.head_dim)
-    for name in (spec.q, spec.k, spec.v):
-        lin = module.get_submodule(name)
-        lin.out_features = lin.weight.shape[0]
-    if spec.out is not None:
-        lin = module.get_submodule(spec.out)
-        lin.in_features = lin.weight.shape[1]
 
 
 def _plain_copy(module: nn.Module) -> nn.Module:
@@ -155,9 +163,11 @@ def _cut_head(module: nn.Module, spec: AttentionSpec, channel: int) -> None:
             lin.weight = nn.Parameter(lin.weight.index_select(0, rows), requires_grad=False)
             if lin.bias is not None:
                 lin.bias = nn.Parameter(lin.bias.index_select(0, rows), requires_grad=False)
+            lin.out_features = len(rows)
         if spec.out is not None:
             lin = module.get_submodule(spec.out)
             lin.weight = nn.Parameter(lin.weight.index_select(1, q_rows), requires_grad=False)
+            lin.in_features = len(q_rows)
     set_head_attributes(module, spec)
 
 
@@ -169,19 +179,17 @@ def _first(out: object) -> torch.Tensor | None:
 
 def refusal(module: nn.Module) -> str | None:
     """Why a module that holds query/key/value projections gets no heads pruned (None if it does not hold them)."""
-    for names in _PROJECTIONS:
-        projs = [_linear(module, n) for n in names]
-        if any(p is None for p in projs):
-            continue
-        q, k, v = projs
-        if v.out_features != k.out_features or not k.out_features or q.out_features % k.out_features:
-            return (f"attention whose key/value width ({names[1]}/{names[2]}: {k.out_features}, "
-                    f"{v.out_features}) does not divide the query width ({q.out_features}) into groups")
-        if _candidate(module) is None:
-            return "attention without a head size or head count attribute fxprune knows"
-        return ("attention whose forward did not give the same output with one head cut out (it may read the "
-                "head count as a constant, or need arguments the proof could not supply: pass example_inputs)")
-    return None
+    found = _projections(module)
+    if found is None:
+        return None
+    names, q, k, v = found
+    if not _grouped(q, k, v):
+        return (f"attention whose key/value width ({names[1]}/{names[2]}: {k.out_features}, "
+                f"{v.out_features}) does not divide the query width ({q.out_features}) into groups")
+    if _candidate(module) is None:
+        return "attention without a head size or head count attribute fxprune knows"
+    return ("attention whose forward did not give the same output with one head cut out (it may read the "
+            "head count as a constant, or need arguments the proof could not supply: pass example_inputs)")
 
 
 def is_candidate(module: nn.Module) -> bool:
