@@ -30,11 +30,12 @@ nodes (the module tree annotated with what each part became).
 """
 from __future__ import annotations
 
+import contextlib
 import difflib
 import keyword
 import re
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import torch
 import torch.fx as fx
@@ -47,6 +48,7 @@ __all__ = [
     "Capture",
     "CaptureResult",
     "capture_model",
+    "leaving_no_trace",
     "record_calls",
     "output_tensors",
 ]
@@ -163,16 +165,26 @@ def record_calls(model: nn.Module, args: tuple, kwargs: dict) -> dict[int, list[
             seen.append(spec)
 
     handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in model.modules() if m is not model]
-    saved = [(b, b.clone()) for b in model.buffers()]
     try:
-        with torch.random.fork_rng(devices=[]):
+        with leaving_no_trace(model):
             model(*args, **kwargs)
     finally:
         for h in handles:
             h.remove()
-        for b, value in saved:
-            b.copy_(value)
     return calls
+
+
+@contextlib.contextmanager
+def leaving_no_trace(model: nn.Module) -> Iterator[None]:
+    """Run something on ``model`` and put its buffers (BatchNorm statistics, caches) and the global RNG back."""
+    saved = [(b, b.clone()) for b in model.buffers()]
+    try:
+        with torch.random.fork_rng(devices=[]):
+            yield
+    finally:
+        with torch.no_grad():
+            for b, value in saved:
+                b.copy_(value)
 
 
 def output_tensors(out: Any) -> list[torch.Tensor]:

@@ -31,6 +31,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from fxprune.trace import leaving_no_trace
+
 __all__ = ["AttentionSpec", "attention_spec", "is_candidate", "record_attention_calls", "refusal",
            "set_head_attributes"]
 
@@ -265,10 +267,9 @@ def record_attention_calls(model: nn.Module, args: tuple, kwargs: dict) -> dict[
 
     handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in candidates]
     modes = [(m, m.training) for m in model.modules()]
-    saved = [(b, b.clone()) for b in model.buffers()]
     try:
         model.eval()
-        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        with torch.no_grad(), leaving_no_trace(model):
             model(*args, **kwargs)
     except Exception:  # noqa: BLE001 - no recorded calls: the proof falls back to the input alone
         calls.clear()
@@ -277,7 +278,4 @@ def record_attention_calls(model: nn.Module, args: tuple, kwargs: dict) -> dict[
             h.remove()
         for m, mode in modes:
             m.training = mode
-        with torch.no_grad():
-            for b, value in saved:
-                b.copy_(value)
     return calls
