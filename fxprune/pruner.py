@@ -32,6 +32,7 @@ not counted.
 """
 from __future__ import annotations
 
+from functools import partial
 from typing import Any, Mapping
 
 import torch
@@ -169,14 +170,13 @@ class Pruner(nn.Module):
         if not self._optimizers:
             self.steps_per_epoch = steps_per_epoch
         attachment = _Attachment(optimizer, ZeroPreservingSteps(optimizer, [t.masked for t in self.targets]))
-        attachment.handles.append(optimizer.register_step_pre_hook(attachment.before_step))
-        handle = optimizer.register_step_post_hook(self._after_optimizer_step)
-        attachment.handles.append(handle)
-        attachment.handles.append(optimizer.register_load_state_dict_post_hook(self._after_optimizer_load))
+        handle = optimizer.register_step_post_hook(partial(self._after_optimizer_step, attachment))
+        on_load = optimizer.register_load_state_dict_post_hook(partial(self._after_optimizer_load, attachment))
+        attachment.handles += [optimizer.register_step_pre_hook(attachment.before_step), handle, on_load]
         self._optimizers.append(attachment)
         if steps_per_epoch is not None and self._optimizers[0].optimizer is optimizer:
             self.epoch.fill_(int(self.step) // steps_per_epoch)
-        self._zero_optimizer_state([t.masked for t in self.targets], [optimizer])  # state from before attach
+        attachment.steps.zero_state([t.masked for t in self.targets])  # state from before attach
         self.update_masks()
         self.apply_masks()
         return handle
@@ -193,13 +193,13 @@ class Pruner(nn.Module):
         """The attached optimizers (not saved, not copied: attach again after loading or copying)."""
         return [a.optimizer for a in self._optimizers]
 
-    def _after_optimizer_step(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
+    def _after_optimizer_step(self, attachment: _Attachment, optimizer: torch.optim.Optimizer, args: tuple,
+                              kwargs: dict) -> None:
         # Optimizers that handle AMP scaling themselves (fused Adam/SGD) are called by GradScaler
         # even on an overflow, with ``found_inf`` set; they skip the update and so do we.
         found_inf = getattr(optimizer, "found_inf", None)
         if found_inf is not None and bool(found_inf):
             return
-        attachment = next(a for a in self._optimizers if a.optimizer is optimizer)
         attachment.steps.after_step()  # re-zero what the step moved (skipped where provably a no-op)
         self.apply_masks()  # parameters of other optimizers, or edited outside any step
         if optimizer is not self._optimizers[0].optimizer:
@@ -216,21 +216,13 @@ class Pruner(nn.Module):
             )
         self.update_masks()
 
-    def _after_optimizer_load(self, optimizer: torch.optim.Optimizer) -> None:
+    def _after_optimizer_load(self, attachment: _Attachment, optimizer: torch.optim.Optimizer) -> None:
         # A loaded state may come from before pruning: its moments would move pruned weights again.
-        self._zero_optimizer_state([t.masked for t in self.targets], [optimizer])
+        attachment.steps.zero_state([t.masked for t in self.targets])
 
-    @torch.no_grad()
-    def _zero_optimizer_state(self, masked: list[MaskedParameter],
-                              optimizers: list[torch.optim.Optimizer] | None = None) -> None:
-        for optimizer in self.optimizers if optimizers is None else optimizers:
-            for m in masked:
-                for value in optimizer.state.get(m.param, {}).values():
-                    if torch.is_tensor(value) and value.shape == m.mask.shape:
-                        value.mul_(m.mask)
-            for att in self._optimizers:
-                if att.optimizer is optimizer:
-                    att.steps.state_zeroed(masked)
+    def _zero_optimizer_state(self, masked: list[MaskedParameter]) -> None:
+        for a in self._optimizers:
+            a.steps.zero_state(masked)
 
     # ---------------------------------------------------------- mask control
     def _time(self, p: PrunerConfig, epoch: int | None, step: int | None) -> int | None:
@@ -386,6 +378,7 @@ class _Attachment:
 
     def before_step(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
         self.steps.before_step()
+
 
     def remove(self) -> None:
         for h in self.handles:

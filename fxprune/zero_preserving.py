@@ -101,6 +101,7 @@ class ZeroPreservingSteps:
     """The re-zeroing after each step of one attached optimizer, skipped where provably a no-op."""
 
     def __init__(self, optimizer: torch.optim.Optimizer, masked: list[MaskedParameter]):
+        self.optimizer = optimizer
         held = {id(p) for g in optimizer.param_groups for p in g["params"]}
         self.masked = [m for m in masked if id(m.param) in held]
         self.optimizer_preserves_zeros = type(optimizer) in ZERO_PRESERVING
@@ -110,9 +111,18 @@ class ZeroPreservingSteps:
         self.skipped = 0  # re-zeroings skipped so far (for tests and benchmarks)
         self.done = 0  # re-zeroings done
 
-    def state_zeroed(self, masked: Iterable[MaskedParameter]) -> None:
-        """The pruner just zeroed this optimizer's state at the pruned entries of ``masked``."""
+    @torch.no_grad()
+    def zero_state(self, masked: Iterable[MaskedParameter]) -> None:
+        """Zero this optimizer's per-entry state (momentum, Adam moments) at the pruned entries of ``masked``.
+
+        Every state tensor shaped like the parameter is masked, so no stale
+        moment pushes a pruned weight again; from here on the state is known
+        to be zero there (condition 3).
+        """
         for m in masked:
+            for value in self.optimizer.state.get(m.param, {}).values():
+                if torch.is_tensor(value) and value.shape == m.mask.shape:
+                    value.mul_(m.mask)
             if id(m.param) in self._state_zero:
                 self._state_zero[id(m.param)] = True
 
