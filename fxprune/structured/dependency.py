@@ -512,10 +512,7 @@ class _Analysis:
             return _Tuple(tuple(getattr(args[0], "items", args[0])) + tuple(getattr(args[1], "items", args[1])))
         if fn is torch._assert:
             return None
-        self.note_weights(list(args) + list(kwargs.values()), where)
-        if any(_chans(a) for a in list(args) + list(kwargs.values())):
-            raise _Unsupported(f"consumed by {where}, an op the channel analysis does not follow")
-        return None
+        return self.not_followed(list(args) + list(kwargs.values()), where)
 
     def visit_method(self, node: fx.Node, env: dict[fx.Node, Any], where: str) -> Any:
         args = [env.get(a) if isinstance(a, fx.Node) else a for a in node.args]
@@ -542,17 +539,17 @@ class _Analysis:
             if not isinstance(x, _Chan):
                 return None
             return _ShapeOf(x) if d is None else self.shape_index(_ShapeOf(x), d, where)
-        self.note_weights(list(args) + list(kwargs.values()), where)
-        if any(_chans(a) for a in list(args) + list(kwargs.values())):
-            raise _Unsupported(f"consumed by {where}, an op the channel analysis does not follow")
-        return None
+        return self.not_followed(list(args) + list(kwargs.values()), where)
 
-    def note_weights(self, values: list, where: str) -> None:
-        """Weights read by an op the analysis does not follow: say so, since no group will hold them."""
+    def not_followed(self, values: list, where: str) -> None:
+        """An op the analysis does not follow: note the weights it reads (no group will hold them), block its channels."""
         for v in values:
             for item in (v if isinstance(v, (list, tuple)) else (v,)):
                 if isinstance(item, _Param):
-                    self.weight_notes.setdefault(item.name, f"{where}")
+                    self.weight_notes.setdefault(item.name, where)
+        if any(_chans(v) for v in values):
+            raise _Unsupported(f"consumed by {where}, an op the channel analysis does not follow")
+        return None
 
     # -------------------------------------------------------------- handlers
     def attention_heads(self, x: Any, spec: AttentionSpec, name: str) -> Any:
