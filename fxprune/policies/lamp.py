@@ -32,7 +32,11 @@ __all__ = ["lamp_scores", "LampPolicy"]
 def lamp_scores(masked: MaskedParameter | torch.Tensor) -> torch.Tensor:
     """LAMP score of every entry of the weight (same shape; in [0, 1]; the largest entry scores 1)."""
     w = masked.param.detach() if isinstance(masked, MaskedParameter) else masked.detach()
-    w2 = w.flatten().double().square() if w.dtype == torch.float64 else w.flatten().float().square()
+    flat = w.flatten().double() if w.dtype == torch.float64 else w.flatten().float()
+    # Scores do not depend on scale; dividing by the largest |w| keeps tiny weights from squaring to 0
+    # (a tensor of ~1e-23 weights would otherwise score 0 everywhere, its largest entry included).
+    peak = flat.abs().max() if flat.numel() else flat.new_zeros(())
+    w2 = (flat / peak).square() if float(peak) > 0 else flat.square()
     order = torch.argsort(w2, stable=True)  # ascending; equal entries keep index order
     s = w2[order]
     tail = torch.flip(torch.cumsum(torch.flip(s, (0,)), 0), (0,))  # energy of this entry and all later ones
