@@ -9,12 +9,11 @@ does)? Because that costs a pass over the weight in the forward as well as
 one in the backward. Instead the pruner keeps the *stored* pruned entries at
 exactly zero (it re-zeroes them whenever the optimizer touched the tensor).
 When the stored tensor is known to be clean -- its autograd version counter
-has not moved since the last re-zeroing -- the forward is a free view of the
-parameter and only the backward pays for the mask: a gradient hook on that
-view zeroes the gradients of pruned entries, whether they are taken by
-``backward()`` or ``torch.autograd.grad``. When it may be dirty (after ``optimizer.step()`` and
-before the next hook, or under ``torch.compile``), the forward multiplies, so
-the effective weight is exact in every case.
+has not moved since the last re-zeroing -- the forward returns the parameter
+itself and only the gradient pays for the mask, once per backward and in
+place: see :class:`_GradientMask`. When it may be dirty (after
+``optimizer.step()`` and before the next hook, or under ``torch.compile``),
+the forward multiplies, so the effective weight is exact in every case.
 
 Masking uses a float copy of the mask in the parameter's dtype, rebuilt only
 when the mask, dtype or device changes: multiplying by a bool tensor converts
@@ -22,11 +21,13 @@ it on every call and costs several times more.
 """
 from __future__ import annotations
 
-from functools import partial
+import weakref
 
 import torch
 from torch import nn
+from torch.autograd.graph import get_gradient_edge
 from torch.fx._symbolic_trace import is_fx_symbolic_tracing
+from torch.utils.hooks import RemovableHandle
 
 __all__ = ["MaskedParameter"]
 
@@ -49,28 +50,51 @@ class MaskedParameter(nn.Module):
         self._has_pruned = False  # all-True mask: the forward is the parameter itself
         self._keep: torch.Tensor | None = None  # float copy of the mask, see keep()
         self._keep_key: tuple | None = None
-        self.forward_mask_versions: set[int] = set()  # read and cleared by fxprune.zero_preserving
+        self._grad_mask: _GradientMask | None = None  # the hooks on ``param``
+        self._hook_gradients(param)
 
     def forward(self) -> torch.Tensor:
         # Runs once per weight per forward: plain dict reads instead of nn.Module attribute lookups.
-        param, mask = self._parameters["param"], self._buffers["mask"]
+        param = self._parameters["param"]
         # Compiled or fx-traced graphs always multiply: the version-counter check is eager-only Python state.
         if torch.compiler.is_compiling() or is_fx_symbolic_tracing():
-            return param * mask if self._has_pruned else param
-        # Which masks the gradients now being built are masked with (a gradient from a forward
-        # before a mask update is not zero at the newly pruned entries).
-        self.forward_mask_versions.add(mask._version)
+            return param * self._buffers["mask"] if self._has_pruned else param
         if not self._has_pruned:
             return param
-        if param._version == self._clean_version:
-            # A view of the parameter whose gradient hook applies the mask (for backward() and
-            # torch.autograd.grad alike). A tensor hook that is a C-level callable costs about a
-            # third of a Python autograd.Function's per-call overhead: ~1% of an MLP step on CPU.
-            weight = param.view_as(param)
-            if weight.requires_grad:
-                weight.register_hook(partial(torch.mul, other=self.keep()))
-            return weight
+        grad_mask = self._grad_mask
+        if grad_mask is None or grad_mask.param() is not param or (param.requires_grad and not grad_mask.handles):
+            grad_mask = self._hook_gradients(param)  # a copy, a swapped-in or an unfrozen parameter
+        if grad_mask is not None and param._version == self._clean_version:
+            return param  # its gradient is masked by the hooks
         return param * self.keep()
+
+    def _hook_gradients(self, param: torch.Tensor) -> _GradientMask | None:
+        """Put the gradient-masking hooks on ``param`` (the module's own leaf parameter) and nowhere else.
+
+        A tensor swapped in for one call (``torch.func.functional_call``, FSDP's
+        views) is left alone: the forward multiplies it instead.
+        """
+        if not isinstance(param, nn.Parameter) or not param.is_leaf:
+            return None
+        old = self._grad_mask
+        if old is not None:
+            old.remove()
+            if old.param() is not param:
+                self._clean_version = -1  # the version seen belonged to the previous tensor
+        self._grad_mask = _GradientMask(self, param)
+        return self._grad_mask
+
+    def grad_is_masked(self) -> bool:
+        """True if ``param.grad`` is exactly the gradient the hooks masked, under the current mask.
+
+        Anything that touched the gradient since (clipping, AMP unscaling,
+        added noise, an assignment) changes its object or version; a mask
+        update changes the mask's version.
+        """
+        stamp = self._grad_mask.stamp if self._grad_mask is not None else None
+        grad = self._parameters["param"].grad
+        return (stamp is not None and grad is not None and stamp[0]() is grad and grad._version == stamp[1]
+                and self._buffers["mask"]._version == stamp[2])
 
     def _any_pruned(self) -> bool:
         # reading the bool mask as bytes is ~40x faster than Tensor.all() on large masks
@@ -90,13 +114,13 @@ class MaskedParameter(nn.Module):
 
         Only for callers that proved it (:mod:`fxprune.zero_preserving`).
         """
-        self._clean_version = self._parameters["param"]._version
+        # Per weight and step: the instance dict directly, not nn.Module.__setattr__ (~4 us a call).
+        self.__dict__["_clean_version"] = self._parameters["param"]._version
 
     def is_clean(self) -> bool:
         """True when the stored pruned entries are known to be exactly zero."""
         return self._parameters["param"]._version == self._clean_version
 
-    @torch.no_grad()
     def apply_mask(self) -> None:
         """Zero the stored pruned entries, unless nothing touched the tensor since the last time.
 
@@ -106,8 +130,9 @@ class MaskedParameter(nn.Module):
         """
         if not self._has_pruned or self.is_clean():
             return
-        self.param.data.mul_(self.keep())
-        self._clean_version = self.param._version
+        param = self._parameters["param"]
+        param.data.mul_(self.keep())
+        self.__dict__["_clean_version"] = param._version
 
     @torch.no_grad()
     def set_mask(self, mask: torch.Tensor) -> None:
@@ -115,6 +140,9 @@ class MaskedParameter(nn.Module):
         self.mask.copy_(mask)
         self._has_pruned = self._any_pruned()
         self._clean_version = -1
+        param = self._parameters["param"]
+        if self._grad_mask is None or self._grad_mask.param() is not param:  # a backward may come with no forward
+            self._hook_gradients(param)
         self.apply_mask()
 
     # Tensor metadata, for Python forwards that read ``self.layer.weight.dtype`` (e.g. HF ViTModel) while
@@ -145,8 +173,78 @@ class MaskedParameter(nn.Module):
         super().__setstate__(state)
         self._clean_version = -1
         self._keep = self._keep_key = None
+        self._grad_mask = None
+        self._hook_gradients(self._parameters["param"])
+
+    def __getstate__(self):
+        # Hooks belong to this object's parameter; a copy hooks its own (in __setstate__).
+        state = self.__dict__.copy()
+        state.update(_grad_mask=None, _keep=None, _keep_key=None)
+        return state
 
     def extra_repr(self) -> str:
         kept = int(self.mask.sum())
         n = self.mask.numel()
         return f"shape={tuple(self.param.shape)}, sparsity={1 - kept / max(n, 1):.4f}"
+
+
+class _GradientMask:
+    """The gradient hooks of one masked parameter, holding it weakly (no reference cycle through the tensor).
+
+    ``backward()``: after autograd has accumulated ``param.grad``, it is
+    masked in place -- one read-modify-write pass per weight and step, no new
+    tensor (an out-of-place mask would allocate a fresh gradient every step,
+    which costs as much again on CPU) -- and stamped for
+    :meth:`MaskedParameter.grad_is_masked`. The whole accumulated gradient is
+    masked, so gradient accumulation and a mask update between forward and
+    backward are covered too.
+
+    ``torch.autograd.grad()`` accumulates nothing, so the post-accumulate hook
+    does not run; the tensor hook, which runs for both, masks out of place
+    only then. It tells the two apart by asking the engine whether the
+    parameter's accumulator runs in this pass (which, during
+    ``autograd.grad``, the engine answers with an error).
+
+    A parameter that does not require gradients gets no hooks (``handles``
+    is empty) until it does.
+    """
+
+    __slots__ = ("owner", "param", "handles", "stamp")
+
+    def __init__(self, owner: MaskedParameter, param: nn.Parameter):
+        self.owner = weakref.ref(owner)
+        self.param = weakref.ref(param)
+        self.stamp: tuple | None = None  # (weakref to the gradient, its version, the mask's version)
+        self.handles: tuple[RemovableHandle, ...] = ()
+        if param.requires_grad:
+            self.handles = (param.register_hook(self.before_accumulate),
+                            param.register_post_accumulate_grad_hook(self.after_accumulate))
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles = ()
+
+    def before_accumulate(self, grad: torch.Tensor) -> torch.Tensor | None:
+        owner, param = self.owner(), self.param()
+        if owner is None or param is None or not owner._has_pruned:
+            return None
+        try:
+            if torch._C._will_engine_execute_node(get_gradient_edge(param).node):
+                return None  # backward(): masked in place once accumulated
+        except RuntimeError:  # autograd.grad(): the result is all there is
+            pass
+        return grad * owner.keep()
+
+    def after_accumulate(self, param: torch.Tensor) -> None:
+        owner = self.owner()
+        grad = param.grad
+        self.stamp = None
+        if owner is None or grad is None or not owner._has_pruned:
+            return
+        if grad.is_sparse:  # nn.Embedding(sparse=True)
+            param.grad = grad * owner.keep()
+            return
+        grad.mul_(owner.keep())
+        if not grad.requires_grad:  # a gradient with a graph (create_graph=True) may change through it
+            self.stamp = (weakref.ref(grad), grad._version, owner._buffers["mask"]._version)

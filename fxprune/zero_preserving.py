@@ -8,16 +8,18 @@ re-zeroing as before when any fails:
 
 1. the stored pruned entries were exactly zero right before the step (the
    parameter's version counter had not moved since the last re-zeroing);
-2. the gradient the optimizer reads is exactly what autograd accumulated
-   through the mask, so it is zero at every pruned entry: a
-   post-accumulate-grad hook stamps it (object, version), and anything that
-   touched it since -- clipping, AMP unscaling, added noise, a DDP copy-back,
-   an assignment -- changes one of the two and voids the stamp;
+2. the gradient the optimizer reads is exactly the one the masked
+   parameter's hook masked in place after autograd accumulated it, under the
+   current mask (:meth:`MaskedParameter.grad_is_masked`: the hook stamps the
+   gradient's object and version and the mask's version; clipping, AMP
+   unscaling, added noise, an assignment or a mask update since void it);
 3. the optimizer's per-entry state (momentum, Adam moments) is zero at the
-   pruned entries: the pruner zeroes it at attach, at every mask update and
-   after ``optimizer.load_state_dict``, and it stays zero only through steps
-   that meet 1 and 2 (one step on an unmasked gradient, or with weight decay
-   on a nonzero pruned weight, puts values there until the next zeroing);
+   pruned entries of the current mask: the pruner zeroes it at attach, at
+   every mask update and after ``optimizer.load_state_dict``, and it stays
+   zero only through steps that meet 1 and 2 (one step on an unmasked
+   gradient, or with weight decay on a nonzero pruned weight, puts values
+   there until the next zeroing; a mask installed by other means leaves the
+   newly pruned entries' state as it was);
 4. the optimizer's update maps (weight 0, gradient 0, state 0) to weight 0:
    true of the plain ``torch.optim`` classes in :data:`ZERO_PRESERVING`
    whatever their options (momentum, Nesterov, weight decay, AMSGrad,
@@ -30,14 +32,13 @@ re-zeroes.
 """
 from __future__ import annotations
 
-import weakref
 from typing import Iterable
 
 import torch
 
 from fxprune.masked import MaskedParameter
 
-__all__ = ["ZERO_PRESERVING", "GradStamps", "ZeroPreservingSteps"]
+__all__ = ["ZERO_PRESERVING", "ZeroPreservingSteps"]
 
 #: Optimizers whose step leaves an entry at exactly 0 when its weight, gradient and state are 0.
 ZERO_PRESERVING: frozenset[type] = frozenset(
@@ -45,56 +46,6 @@ ZERO_PRESERVING: frozenset[type] = frozenset(
     for name in ("SGD", "Adam", "AdamW", "Adagrad", "Adamax", "NAdam", "RAdam", "RMSprop", "Adadelta")
     if hasattr(torch.optim, name)
 )
-
-
-class GradStamps:
-    """Which pruned parameters' ``.grad`` is exactly the masked gradient autograd accumulated.
-
-    A stamp is taken right after each accumulation: a new gradient tensor at
-    version 0 (autograd stored the masked gradient itself, the default with
-    ``zero_grad(set_to_none=True)``), or the stamped tensor one version on (an
-    in-place accumulation of one more masked gradient). Anything else -- a
-    gradient the user assigned or edited, ``create_graph=True``, sparse
-    gradients -- gives no stamp. Nor does a gradient built by a forward that
-    ran under another mask than the current one (a mask update between
-    forward and step): it is not zero at the newly pruned entries.
-    """
-
-    def __init__(self, masked: Iterable[MaskedParameter]):
-        masked = list(masked)
-        self._masked_of = {id(m.param): m for m in masked}
-        self._stamps: dict[int, tuple[weakref.ref, int, int]] = {}
-        self._handles = [m.param.register_post_accumulate_grad_hook(self._after_accumulate) for m in masked]
-
-    def _after_accumulate(self, param: torch.Tensor) -> None:
-        grad = param.grad
-        key = id(param)
-        masked = self._masked_of[key]
-        old = self._stamps.pop(key, None)
-        seen = masked.forward_mask_versions
-        mask_version = masked._buffers["mask"]._version
-        one_mask = len(seen) == 1 and mask_version in seen
-        seen.clear()
-        if grad is None or grad.is_sparse or torch.is_grad_enabled() or not one_mask:
-            return
-        fresh = grad._version == 0 and (old is None or old[0]() is not grad)
-        accumulated = (old is not None and old[0]() is grad and grad._version == old[1] + 1
-                       and old[2] == mask_version)
-        if fresh or accumulated:
-            self._stamps[key] = (weakref.ref(grad), grad._version, mask_version)
-
-    def masked(self, param: torch.Tensor) -> bool:
-        """True if ``param.grad`` is still the stamped gradient, masked by the current mask."""
-        stamp = self._stamps.get(id(param))
-        grad = param.grad
-        return (stamp is not None and grad is not None and stamp[0]() is grad and grad._version == stamp[1]
-                and self._masked_of[id(param)]._buffers["mask"]._version == stamp[2])
-
-    def remove(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles = []
-        self._stamps.clear()
 
 
 class ZeroPreservingSteps:
@@ -105,9 +56,9 @@ class ZeroPreservingSteps:
         held = {id(p) for g in optimizer.param_groups for p in g["params"]}
         self.masked = [m for m in masked if id(m.param) in held]
         self.optimizer_preserves_zeros = type(optimizer) in ZERO_PRESERVING
-        self.stamps = GradStamps(self.masked) if self.optimizer_preserves_zeros else None
         self._clean_before: list[bool] = []
-        self._state_zero = {id(m.param): False for m in self.masked}
+        # id(param) -> the mask version at which the state was last known zero at the pruned entries
+        self._state_zero: dict[int, int | None] = {id(m.param): None for m in self.masked}
         self.skipped = 0  # re-zeroings skipped so far (for tests and benchmarks)
         self.done = 0  # re-zeroings done
 
@@ -124,7 +75,7 @@ class ZeroPreservingSteps:
                 if torch.is_tensor(value) and value.shape == m.mask.shape:
                     value.mul_(m.mask)
             if id(m.param) in self._state_zero:
-                self._state_zero[id(m.param)] = True
+                self._state_zero[id(m.param)] = m.mask._version
 
     def before_step(self) -> None:
         self._clean_before = [m.is_clean() for m in self.masked]
@@ -136,16 +87,13 @@ class ZeroPreservingSteps:
             if m.is_clean():
                 continue
             key = id(m.param)
-            provable = clean and self.stamps is not None and self.stamps.masked(m.param)
-            if provable and self._state_zero[key]:
+            provable = clean and self.optimizer_preserves_zeros and m.grad_is_masked()
+            if provable and self._state_zero[key] == m.mask._version:
                 m.mark_clean()
                 self.skipped += 1
             else:
+                if not provable:
+                    self._state_zero[key] = None  # the step may have put values into the state there
                 m.apply_mask()
                 self.done += 1
-                self._state_zero[key] = self._state_zero[key] and provable
         self._clean_before = []
-
-    def remove(self) -> None:
-        if self.stamps is not None:
-            self.stamps.remove()
