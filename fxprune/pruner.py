@@ -45,7 +45,7 @@ from fxprune.errors import PruningError
 from fxprune.masked import MaskedParameter
 from fxprune.masks import select_masks
 from fxprune.plan import PruningPlan
-from fxprune.policies import POLICIES, PolicyNotReady
+from fxprune.policies import POLICIES, Policy, PolicyNotReady
 from fxprune.report import PrepareReport
 from fxprune.rewrite import InstalledTarget
 from fxprune.schedules import sparsity_at
@@ -78,6 +78,13 @@ class Pruner(nn.Module):
         self.register_buffer("goals", torch.zeros(len(self.pruner_configs), dtype=torch.float64))
         for t in targets:  # per-weight policy state (movement sums, wanda norms) goes next to its mask
             POLICIES[plan.pruners[t.pruner].policy].attach(t.masked)
+        # Only policies that use gradients are called every step (magnitude's hook would be a no-op).
+        self._gradient_observers = [
+            (policy, t.masked) for t in targets
+            for policy in [POLICIES[plan.pruners[t.pruner].policy]]
+            if type(policy).observe_gradients is not Policy.observe_gradients
+        ]
+        self._goals_checked_at: tuple | None = None  # see update_masks()
 
     # ------------------------------------------------------------------ hooks
     def on_epoch_begin(self, epoch: int) -> None:
@@ -104,7 +111,7 @@ class Pruner(nn.Module):
         self.apply_masks()
         if not self._optimizers:
             self.observe_gradients()
-            self.step += 1
+            self.step.add_(1)
             self.update_masks()
 
     def on_epoch_end(self, epoch: int | None = None) -> None:
@@ -205,7 +212,7 @@ class Pruner(nn.Module):
         if optimizer is not self._optimizers[0].optimizer:
             return
         self.observe_gradients()
-        self.step += 1
+        self.step.add_(1)
         if self.steps_per_epoch is not None:
             self.epoch.fill_(int(self.step) // self.steps_per_epoch)
         elif int(self.epoch) < 0 and any(not p.by_step for p in self.pruner_configs):
@@ -266,15 +273,28 @@ class Pruner(nn.Module):
         """The goal each pruner has pruned to so far."""
         return {p.name: float(g) for p, g in zip(self.pruner_configs, self.goals)}
 
-    @torch.no_grad()
     def update_masks(self) -> bool:
         """Prune every pruner whose scheduled goal now exceeds its current goal; True if a mask changed.
 
         "Now" is the current ``epoch`` for epoch-scheduled pruners (none
         before the first epoch is set) and the current ``step`` for
-        step-scheduled ones.
+        step-scheduled ones. Called several times per step by the hooks: a
+        second call at the same time (and the same goals) has nothing to do.
         """
-        goals = self.goal_at(int(self.epoch), step=int(self.step))  # epoch -1: before every window
+        epoch, step = int(self.epoch), int(self.step)
+        if self._goals_checked_at == self._goals_key(epoch, step):
+            return False
+        with torch.no_grad():
+            changed = self._update_masks(epoch, step)
+        self._goals_checked_at = self._goals_key(epoch, step)
+        return changed
+
+    def _goals_key(self, epoch: int, step: int) -> tuple:
+        # goals is replaced by .to() and rewritten by load_state_dict: its identity and version count
+        return epoch, step, self.steps_per_epoch, id(self.goals), self.goals._version
+
+    def _update_masks(self, epoch: int, step: int) -> bool:
+        goals = self.goal_at(epoch, step=step)  # epoch -1: before every window
         changed: list[MaskedParameter] = []
         for i, p in enumerate(self.pruner_configs):
             goal = goals[p.name]
@@ -293,7 +313,6 @@ class Pruner(nn.Module):
             self._zero_optimizer_state(changed)
         return bool(changed)
 
-    @torch.no_grad()
     def observe_gradients(self) -> None:
         """Feed the gradients of the optimizer step that just ran to gradient-based policies (movement).
 
@@ -301,9 +320,11 @@ class Pruner(nn.Module):
         gradient: by :meth:`on_batch_end` in hook style, by the optimizer
         post-hook in optimizer mode. Policies without gradient state ignore it.
         """
-        policy_of = {p.name: POLICIES[p.policy] for p in self.pruner_configs}
-        for t in self.targets:
-            policy_of[t.pruner].observe_gradients(t.masked)
+        if not self._gradient_observers:
+            return
+        with torch.no_grad():
+            for policy, masked in self._gradient_observers:
+                policy.observe_gradients(masked)
 
     def _policy_scores(self, p: PrunerConfig, t: InstalledTarget) -> torch.Tensor:
         try:
@@ -379,8 +400,6 @@ class _Attachment:
     def before_step(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
         self.steps.before_step()
 
-
     def remove(self) -> None:
         for h in self.handles:
             h.remove()
-        self.steps.remove()
