@@ -143,3 +143,17 @@ def test_copies_of_a_prepared_model_keep_masks_state_and_keep_pruning(how):
     converted = fxprune.convert(clone)
     assert isinstance(converted, TinyNet)
     assert torch.equal(converted(x), clone(x))
+
+
+def test_loading_a_state_at_the_same_epoch_is_pruned_again():
+    """update_masks skips a second call at the same step; a loaded state (same epoch, other goals) is not skipped."""
+    config = epoch_config(start_epoch=0, end_epoch=0, init_sparsity=0.5, target_sparsity=0.5)
+    prepared, _ = fresh(config)
+    prepared.pruner.on_epoch_begin(2)
+    unpruned, _ = fresh(config)
+    unpruned.pruner.epoch.fill_(2)  # epoch 2, goals and masks from before any update
+    prepared.load_state_dict(unpruned.state_dict())
+    assert all(bool(t.masked.mask.all()) for t in prepared.pruner.targets)
+    assert prepared.pruner.update_masks()
+    assert prepared.pruner.current_goals() == {"prune1": 0.5}
+    assert not prepared.pruner.update_masks()  # nothing more to do at epoch 2
