@@ -229,12 +229,9 @@ class _GradientMask:
         owner, param = self.owner(), self.param()
         if owner is None or param is None or not owner._has_pruned:
             return None
-        try:
-            if torch._C._will_engine_execute_node(get_gradient_edge(param).node):
-                return None  # backward(): masked in place once accumulated
-        except RuntimeError:  # autograd.grad(): the result is all there is
-            pass
-        return grad * owner.keep()
+        if _accumulates(param):
+            return None  # backward(): masked in place once accumulated
+        return grad * owner.keep()  # autograd.grad(): the result is all there is
 
     def after_accumulate(self, param: torch.Tensor) -> None:
         owner = self.owner()
@@ -248,3 +245,27 @@ class _GradientMask:
         grad.mul_(owner.keep())
         if not grad.requires_grad:  # a gradient with a graph (create_graph=True) may change through it
             self.stamp = (weakref.ref(grad), grad._version, owner._buffers["mask"]._version)
+
+
+#: (graph task id, whether it accumulates into .grad): one answer per backward pass, asked by every
+#: masked weight's tensor hook. A memo, not state: task ids are unique, so a stale entry is never reused.
+_last_task: tuple[int, bool] = (-1, False)
+
+
+def _accumulates(param: torch.Tensor) -> bool:
+    """Whether the running backward pass accumulates into ``.grad`` (``backward()``), not ``autograd.grad()``.
+
+    Inside ``torch.autograd.grad`` the engine refuses the question for a leaf
+    with an error; in ``backward()`` a leaf's hook runs only when its
+    accumulator does.
+    """
+    global _last_task
+    task = torch._C._current_graph_task_id()
+    if _last_task[0] == task:
+        return _last_task[1]
+    try:
+        answer = bool(torch._C._will_engine_execute_node(get_gradient_edge(param).node))
+    except RuntimeError:
+        answer = False
+    _last_task = (task, answer)
+    return answer

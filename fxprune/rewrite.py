@@ -60,6 +60,8 @@ class LeafMasks:
 
     def __init__(self, entries: list[tuple[nn.Module, str, MaskedParameter]]):
         self.entries = entries
+        # RNNs read a cached list of their weights rather than the attributes.
+        self.rnns = [o for o in {id(o): o for o, _, _ in entries}.values() if isinstance(o, nn.RNNBase)]
 
     def enter(self, module: nn.Module, args: tuple) -> None:
         # Nested calls (a Python forward around a leaf that masks the same weights) set each weight
@@ -79,10 +81,8 @@ class LeafMasks:
         self._sync_rnns()
 
     def _sync_rnns(self) -> None:
-        # RNNs read a cached list of their weights rather than the attributes.
-        for owner in {id(o): o for o, _, _ in self.entries}.values():
-            if isinstance(owner, nn.RNNBase):
-                owner._flat_weights = [_tensor_of(owner, n) for n in owner._flat_weights_names]
+        for owner in self.rnns:
+            owner._flat_weights = [_tensor_of(owner, n) for n in owner._flat_weights_names]
 
 
 def _tensor_of(owner: nn.Module, attr: str):

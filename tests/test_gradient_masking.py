@@ -16,6 +16,7 @@ import weakref
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 import fxprune
@@ -165,3 +166,16 @@ def test_an_unpruned_weight_gets_its_full_gradient(way):
     assert all(bool(t.masked.mask.all()) for t in prepared.pruner.targets)
     _, grads = grads_by(prepared, x, way)
     check(prepared, grads, reference_grads(prepared, x))
+
+
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(spec=model_specs, ways=st.lists(st.sampled_from(["backward", "autograd.grad", "accumulate"]), min_size=2,
+                                       max_size=6))
+def test_backward_and_autograd_grad_interleaved(spec, ways):
+    """Each pass is told apart on its own (the hooks' answer is per backward pass)."""
+    prepared, x = pruned(spec)
+    for way in ways:
+        for t in prepared.pruner.targets:
+            t.masked.param.grad = None
+        _, grads = grads_by(prepared, x, way)
+        check(prepared, grads, reference_grads(prepared, x, times=2 if way == "accumulate" else 1))
