@@ -85,6 +85,8 @@ class Pruner(nn.Module):
             if type(policy).observe_gradients is not Policy.observe_gradients
         ]
         self._goals_checked_at: tuple | None = None  # see update_masks()
+        self._by_epoch = any(not p.by_step for p in self.pruner_configs)
+        self._by_step = any(p.by_step for p in self.pruner_configs)
 
     # ------------------------------------------------------------------ hooks
     def on_epoch_begin(self, epoch: int) -> None:
@@ -208,7 +210,8 @@ class Pruner(nn.Module):
         if found_inf is not None and bool(found_inf):
             return
         attachment.steps.after_step()  # re-zero what the step moved (skipped where provably a no-op)
-        self.apply_masks()  # parameters of other optimizers, or edited outside any step
+        for masked in attachment.steps.not_held:  # parameters of other optimizers, or of none
+            masked.apply_mask()
         if optimizer is not self._optimizers[0].optimizer:
             return
         self.observe_gradients()
@@ -290,8 +293,11 @@ class Pruner(nn.Module):
         return changed
 
     def _goals_key(self, epoch: int, step: int) -> tuple:
-        # goals is replaced by .to() and rewritten by load_state_dict: its identity and version count
-        return epoch, step, self.steps_per_epoch, id(self.goals), self.goals._version
+        # Goals follow only the clock units some pruner is scheduled by (epoch pruners ignore the step).
+        # The goals buffer is replaced by .to() and rewritten by load_state_dict: its identity and version.
+        goals = self._buffers["goals"]
+        return (epoch if self._by_epoch else None, step if self._by_step else None, self.steps_per_epoch,
+                id(goals), goals._version)
 
     def _update_masks(self, epoch: int, step: int) -> bool:
         goals = self.goal_at(epoch, step=step)  # epoch -1: before every window

@@ -55,6 +55,7 @@ class ZeroPreservingSteps:
         self.optimizer = optimizer
         held = {id(p) for g in optimizer.param_groups for p in g["params"]}
         self.masked = [m for m in masked if id(m.param) in held]
+        self.not_held = [m for m in masked if id(m.param) not in held]  # re-zeroed by the pruner after each step
         self.optimizer_preserves_zeros = type(optimizer) in ZERO_PRESERVING
         self._clean_before: list[bool] = []
         # id(param) -> the mask version at which the state was last known zero at the pruned entries
@@ -86,9 +87,9 @@ class ZeroPreservingSteps:
         for m, clean in zip(self.masked, clean_before):
             if m.is_clean():
                 continue
-            key = id(m.param)
+            key = id(m._parameters["param"])
             provable = clean and self.optimizer_preserves_zeros and m.grad_is_masked()
-            if provable and self._state_zero[key] == m.mask._version:
+            if provable and self._state_zero[key] == m._buffers["mask"]._version:
                 m.mark_clean()
                 self.skipped += 1
             else:

@@ -179,3 +179,14 @@ def test_backward_and_autograd_grad_interleaved(spec, ways):
             t.masked.param.grad = None
         _, grads = grads_by(prepared, x, way)
         check(prepared, grads, reference_grads(prepared, x, times=2 if way == "accumulate" else 1))
+
+
+def test_converted_model_has_plain_parameters_without_hooks():
+    prepared, x = pruned(MLPSpec(widths=(6, 6, 4), kinds=("module", "functional"), seed=3))
+    loss_of(prepared, x).backward()
+    plain = fxprune.convert(prepared)
+    for name, p in plain.named_parameters():
+        assert not p._backward_hooks and not getattr(p, "_post_accumulate_grad_hooks", None), name
+    loss_of(plain, x).backward()
+    # a converted model trains like any model: pruned (zero) weights get their gradient again
+    assert any(bool((p.grad[p == 0] != 0).any()) for p in plain.parameters() if p.dim() >= 2)
