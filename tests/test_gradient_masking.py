@@ -83,9 +83,12 @@ def grads_by(prepared, x, way: str) -> tuple[nn.Module, dict[str, torch.Tensor |
         return model, dict(zip([t.name for t in targets], torch.autograd.grad(loss_of(model, x), params)))
     if way == "functional_call":
         swapped = {name: p.detach().clone().requires_grad_() for name, p in model.named_parameters()}
-        loss = torch.func.functional_call(model, swapped, (x,)).pow(2).mean()
+        # tie_weights=False: a tied weight's masked module sits under two paths, and functional_call's
+        # re-tying does not restore a module shared that way (pytorch/pytorch#164759); README says so.
+        loss = torch.func.functional_call(model, swapped, (x,), tie_weights=False).pow(2).mean()
         names = {id(p): name for name, p in model.named_parameters()}
         grads = torch.autograd.grad(loss, [swapped[names[id(p)]] for p in params])
+        assert all(t.masked.param is p for t, p in zip(targets, params)), "functional_call did not restore"
         return model, dict(zip([t.name for t in targets], grads))
     if way == "keep_grad":
         loss_of(model, x).backward()
