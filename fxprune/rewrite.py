@@ -179,7 +179,15 @@ def install_masks(gm: fx.GraphModule, root: nn.Module, plan: PruningPlan, captur
                 m = base.get_submodule(node.target)
                 if not isinstance(m, MaskedParameter) and id(m) not in hooked:
                     hooked[id(m)] = (m, entries_below(m, graph_read if id(m) in python else set()))
-    for leaf, entries in hooked.values():
+    # Each owner below a hooked module masks its own weights too, for calls made outside the hooked
+    # module's call: activation checkpointing re-runs a submodule during backward.
+    by_owner: dict[int, tuple[nn.Module, list]] = {}
+    for _, entries in hooked.values():
+        for e in entries:
+            mine = by_owner.setdefault(id(e[0]), (e[0], []))[1]
+            if id(e[0]) not in hooked and all(x[1] != e[1] for x in mine):
+                mine.append(e)
+    for leaf, entries in list(hooked.values()) + list(by_owner.values()):
         if not entries:
             continue
         hooks = LeafMasks([(o, a, m) for o, a, m, _ in entries])

@@ -34,6 +34,7 @@ import contextlib
 import difflib
 import keyword
 import re
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator
 
@@ -254,6 +255,39 @@ class CaptureResult:
         return out
 
 
+class ActivationCheckpointing(RuntimeError):
+    """Symbolic tracing reached code run by ``torch.utils.checkpoint``.
+
+    Tracing through it would inline the checkpointed part into the graph and
+    silently drop the recomputation (and the memory it saves). The module
+    whose forward calls checkpoint keeps its Python forward instead; its
+    children are captured on their own, so the checkpointed call re-runs them
+    in backward with their masks.
+    """
+
+    def __init__(self, frame: Any):
+        super().__init__("calls torch.utils.checkpoint (activation checkpointing is kept: not traced through)")
+        self.frame = frame  # the checkpoint frame: which module's forward encloses it decides the culprit
+
+
+def _checkpoint_frame(frame: Any) -> Any:
+    """The innermost frame of ``torch.utils.checkpoint`` code on the stack from ``frame`` up, or None."""
+    while frame is not None:
+        if frame.f_globals.get("__name__") == "torch.utils.checkpoint":
+            return frame
+        frame = frame.f_back
+    return None
+
+
+def _encloses(outer: Any, inner: Any) -> bool:
+    """Whether frame ``outer`` is on the call stack of frame ``inner``."""
+    while inner is not None:
+        if inner is outer:
+            return True
+        inner = inner.f_back
+    return False
+
+
 class _Tracer(fx.Tracer):
     """Traces through ``trace_through`` modules and keeps ``leaves`` (both sets of module ids) as leaves."""
 
@@ -280,10 +314,26 @@ class _Tracer(fx.Tracer):
             return super().call_module(m, forward, args, kwargs)
         try:
             return super().call_module(m, forward, args, kwargs)
+        except ActivationCheckpointing as e:
+            # The culprit is the innermost module whose forward called checkpoint, not the module
+            # checkpoint was running (that one is traced fine on its own).
+            if self.culprit is None and _encloses(sys._getframe(), e.frame):
+                self.culprit = qualname
+            raise
         except Exception:
             if self.culprit is None:
                 self.culprit = qualname
             raise
+
+    def create_proxy(self, kind, target, args, kwargs, name=None, type_expr=None, proxy_factory_fn=None):
+        frame = _checkpoint_frame(sys._getframe(1))
+        if frame is not None:
+            raise ActivationCheckpointing(frame)
+        if name is None and target == "self":
+            # A child module named ``self`` (HF BertAttention.self) would give a node named ``self``,
+            # which the generated ``forward(self, ...)`` then overwrites.
+            name = "self_module"
+        return super().create_proxy(kind, target, args, kwargs, name, type_expr, proxy_factory_fn)
 
 
 _SPECIALIZED = "_fxprune_specialized_forward"

@@ -4,8 +4,10 @@ from __future__ import annotations
 import copy
 import io
 import pickle
+import warnings
 
 import pytest
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -252,3 +254,38 @@ def test_a_mode_dependent_tensor_constant_is_a_train_eval_difference():
     for mode in (True, False):
         prepared.train(mode), model.train(mode)
         torch.testing.assert_close(prepared(x), model(x))
+
+
+class HasChildNamedSelf(nn.Module):
+    """Like Hugging Face's ``BertAttention``, whose submodule is called ``self``."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.self = nn.Tanh()  # an fx leaf: a call_module node whose target is "self"
+        self.out = nn.Linear(4, 4)  # read after that node: through ``self``
+
+    def forward(self, x):
+        return self.out(self.self(self.lin(x)))
+
+
+class BranchingRoot(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inner = HasChildNamedSelf()
+
+    def forward(self, x):
+        if x.sum() > 0:  # data-dependent: the root stays Python, ``inner`` is captured on its own
+            return self.inner(x)
+        return -self.inner(x)
+
+
+def test_a_child_named_self_does_not_shadow_the_graph_argument():
+    torch.manual_seed(0)
+    model = BranchingRoot().eval()
+    x = torch.randn(3, 4).abs()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        prepared = fxprune.prepare(model, {"magnitude": {"p": {}}, "target_sparsity": 0.5}, example_inputs=(x,))
+    assert prepared.pruner.prepare_report.modules["inner"] == "graph"
+    torch.testing.assert_close(prepared.eval()(x), model(x))

@@ -1,0 +1,139 @@
+"""Activation checkpointing survives prepare: the checkpointed part is still recomputed in backward.
+
+Symbolic tracing would run straight through ``torch.utils.checkpoint`` and
+inline the checkpointed function into the graph, silently dropping the
+recomputation (and the memory it saves). The module whose forward calls
+checkpoint keeps its Python forward; the checkpointed submodules keep their
+masks when checkpoint re-runs them during backward (as graphs of their own
+with ``example_inputs``, by their own module-level hooks without).
+"""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+import fxprune
+
+HALF = {"magnitude": {"p": {}}, "start_epoch": 0, "end_epoch": 0, "target_sparsity": 0.5}
+
+
+class Block(nn.Module):
+    def __init__(self, width: int):
+        super().__init__()
+        self.l1 = nn.Linear(width, width)
+        self.l2 = nn.Linear(width, width)
+
+    def forward(self, x):
+        return self.l2(torch.tanh(self.l1(x)))
+
+
+class Stage(nn.Module):
+    """Checkpoints its block (``where='stage'``); the root may checkpoint instead (``where='root'``)."""
+
+    def __init__(self, width: int, reentrant: bool, where: str):
+        super().__init__()
+        self.block = Block(width)
+        self.reentrant, self.where = reentrant, where
+
+    def forward(self, x):
+        if self.where == "stage":
+            return checkpoint(self.block, x, use_reentrant=self.reentrant) + x
+        return self.block(x) + x
+
+
+class Net(nn.Module):
+    def __init__(self, width: int, depth: int, reentrant: bool, where: str):
+        super().__init__()
+        self.stages = nn.ModuleList(Stage(width, reentrant, where) for _ in range(depth))
+        self.head = nn.Linear(width, 3)
+        self.reentrant, self.where = reentrant, where
+
+    def forward(self, x):
+        for stage in self.stages:
+            x = checkpoint(stage, x, use_reentrant=self.reentrant) if self.where == "root" else stage(x)
+        return self.head(x)
+
+
+def counting_calls(module: nn.Module) -> dict:
+    seen = {"calls": 0}
+    module.register_forward_pre_hook(lambda *_: seen.__setitem__("calls", seen["calls"] + 1))
+    return seen
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    width=st.integers(2, 8),
+    depth=st.integers(1, 3),
+    reentrant=st.booleans(),
+    where=st.sampled_from(["stage", "root"]),
+    with_example=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_checkpointed_blocks_are_recomputed_with_their_masks(width, depth, reentrant, where, with_example, seed):
+    torch.manual_seed(seed)
+    model = Net(width, depth, reentrant, where)
+    x = torch.randn(4, width, requires_grad=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        prepared = fxprune.prepare(model, HALF, example_inputs=(x,) if with_example else None)
+    prepared.pruner.on_epoch_begin(0)
+    report = prepared.pruner.prepare_report
+    # the module whose forward calls checkpoint is named with the reason
+    if where == "root":
+        assert "torch.utils.checkpoint" in str(report.root_error)
+    else:
+        for i in range(depth):
+            assert "torch.utils.checkpoint" in report.fallback_leaves[f"stages.{i}"]
+    watched = prepared.stages[0] if where == "root" else prepared.stages[0].block  # what checkpoint runs
+    seen = counting_calls(watched)
+    out = prepared(x)
+    out.pow(2).sum().backward()
+    assert seen["calls"] == 2, "the checkpointed block was not re-run in backward"
+    plain = fxprune.convert(prepared)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = plain(x)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    ref.pow(2).sum().backward()
+    params = dict(plain.named_parameters())
+    for t in prepared.pruner.targets:
+        g = t.masked.param.grad
+        assert bool((g[~t.masked.mask] == 0).all()), t.name
+        torch.testing.assert_close(g, params[t.name].grad * t.masked.mask, rtol=1e-5, atol=1e-6, msg=t.name)
+
+
+def test_hugging_face_gradient_checkpointing_is_kept():
+    pytest.importorskip("transformers")
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64)
+    model = BertForSequenceClassification(config).train()
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5 (the old name warns)
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    ids = torch.randint(0, 100, (2, 8))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        prepared = fxprune.prepare(model, {**HALF, "magnitude": {"p": {"weights": ["bert.encoder.*.weight"]}}},
+                                   example_inputs=(ids,))
+    prepared.pruner.on_epoch_begin(0)
+    modules = prepared.pruner.prepare_report.modules
+    assert "torch.utils.checkpoint" in modules["bert.encoder.layer.0"]
+    seen = counting_calls(prepared.bert.encoder.layer[0].attention)
+    prepared.train()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        prepared(ids).logits.sum().backward()
+    assert seen["calls"] == 2  # forward, and again in backward
+    for t in prepared.pruner.targets:
+        assert t.masked.param.grad is not None, t.name
+        assert bool((t.masked.param.grad[~t.masked.mask] == 0).all()), t.name
