@@ -110,7 +110,25 @@ def prepare(
     gm.train(model.training)
     if root.leaves or root.graph is None:
         warnings.warn(f"fxprune: partial trace of {class_name}\n{report}", TraceFallbackWarning, stacklevel=2)
+    if example is None and root.graph is not None:
+        _warn_if_checkpointing_unseen(model)
     return gm
+
+
+def _warn_if_checkpointing_unseen(model: nn.Module) -> None:
+    """A graph traced without an example run cannot know where a forward checkpoints (timm's ViT does it only
+    on a branch fx does not take): say so where the usual flags say checkpointing is on."""
+    flagged = [name or "<root>" for name, m in model.named_modules()
+               if getattr(m, "grad_checkpointing", False) is True or getattr(m, "gradient_checkpointing", False) is True]
+    if flagged:
+        warnings.warn(
+            f"fxprune: activation checkpointing is enabled in {', '.join(flagged[:3])}"
+            f"{' ...' if len(flagged) > 3 else ''}, but without example_inputs fxprune cannot see where the "
+            "forward checkpoints, and a traced graph may run the checkpointed part without recomputing it "
+            "(more memory, same results). Pass prepare(..., example_inputs=...) to keep it.",
+            TraceFallbackWarning,
+            stacklevel=3,
+        )
 
 
 def _build(

@@ -164,8 +164,18 @@ def record_calls(model: nn.Module, args: tuple, kwargs: dict) -> dict[int, list[
         seen = calls.setdefault(id(module), [])
         if spec not in seen:
             seen.append(spec)
+        # Called from inside torch.utils.checkpoint: note whose forward made that checkpoint call. A
+        # trace may take another branch (timm's ViT checkpoints only when ``attn_mask`` is None, and fx
+        # passes a proxy for it), so the example run is what says where checkpointing happens.
+        frame = _checkpoint_frame(sys._getframe(1))
+        caller = _module_calling(frame) if frame is not None else None
+        if caller is not None:
+            theirs = calls.setdefault(id(caller), [])
+            if CHECKPOINTS not in theirs:
+                theirs.append(CHECKPOINTS)
 
     handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in model.modules() if m is not model]
+    # the root's own calls are not recorded, but it may be the module that checkpoints
     try:
         with leaving_no_trace(model):
             model(*args, **kwargs)
@@ -255,6 +265,10 @@ class CaptureResult:
         return out
 
 
+#: The reason a module whose forward calls torch.utils.checkpoint keeps its Python forward.
+CHECKPOINTS = "its forward calls torch.utils.checkpoint (activation checkpointing is kept: not traced through)"
+
+
 class ActivationCheckpointing(RuntimeError):
     """Symbolic tracing reached code run by ``torch.utils.checkpoint``.
 
@@ -266,7 +280,7 @@ class ActivationCheckpointing(RuntimeError):
     """
 
     def __init__(self, frame: Any):
-        super().__init__("calls torch.utils.checkpoint (activation checkpointing is kept: not traced through)")
+        super().__init__(CHECKPOINTS.removeprefix("its forward "))
         self.frame = frame  # the checkpoint frame: which module's forward encloses it decides the culprit
 
 
@@ -275,6 +289,18 @@ def _checkpoint_frame(frame: Any) -> Any:
     while frame is not None:
         if frame.f_globals.get("__name__") == "torch.utils.checkpoint":
             return frame
+        frame = frame.f_back
+    return None
+
+
+def _module_calling(frame: Any) -> nn.Module | None:
+    """The module whose call is the nearest one around ``frame`` (via ``nn.Module._call_impl``), or None."""
+    code = nn.Module._call_impl.__code__
+    frame = frame.f_back
+    while frame is not None:
+        if frame.f_code is code:
+            module = frame.f_locals.get("self")
+            return module if isinstance(module, nn.Module) else None
         frame = frame.f_back
     return None
 
@@ -339,14 +365,17 @@ class _Tracer(fx.Tracer):
 _SPECIALIZED = "_fxprune_specialized_forward"
 
 
-def _specialized_class(module: nn.Module, spec: CallSpec, seen_output: list) -> type:
-    """A subclass of ``type(module)`` whose ``forward`` takes only the call's tensors.
+def _specialized_forward(cls: type, spec: CallSpec, seen_output: list) -> Any:
+    """A ``forward`` for ``cls`` that takes only the call's tensors.
 
     The tracer traces ``type(root).<traced_func_name>``; this function has one
     named parameter per tensor and rebuilds the full call (constants
-    included) before running the class's own ``forward``.
+    included) before running the class's own ``forward``. It is set on the
+    class itself for the duration of a trace, not on a subclass: creating a
+    subclass runs ``__init_subclass__``, and Hugging Face's checkpointing
+    layers re-wrap ``forward`` there (the inner wrapper then never checkpoints,
+    so the trace would not see the checkpoint call).
     """
-    cls = type(module)
     names = spec.tensor_names()
     src = f"def {_SPECIALIZED}(self, {', '.join(names)}):\n    return _run(self, ({', '.join(names)}{',' if names else ''}))\n"
 
@@ -358,7 +387,7 @@ def _specialized_class(module: nn.Module, spec: CallSpec, seen_output: list) -> 
 
     namespace: dict[str, Any] = {"_run": _run}
     exec(compile(src, f"<fxprune specialized {cls.__name__}>", "exec"), namespace)
-    return type(cls.__name__, (cls,), {_SPECIALIZED: namespace[_SPECIALIZED], "__module__": cls.__module__})
+    return namespace[_SPECIALIZED]
 
 
 def _trace_one(
@@ -380,15 +409,16 @@ def _trace_one(
     local_leaves = set(leaves)
     def attempt(seen_output: list[type]) -> tuple[_Tracer, fx.Graph | None, Exception | None]:
         tracer = _Tracer(trace_through, local_leaves, leaf_types)
-        original_cls = type(module)
+        cls = type(module)
         try:
             if spec is not None:
-                module.__class__ = _specialized_class(module, spec, seen_output)
+                setattr(cls, _SPECIALIZED, _specialized_forward(cls, spec, seen_output))
                 tracer.traced_func_name = _SPECIALIZED
             try:
                 return tracer, tracer.trace(module, concrete_args=concrete_args if spec is None else None), None
             finally:
-                module.__class__ = original_cls
+                if spec is not None:
+                    delattr(cls, _SPECIALIZED)
         except Exception as e:  # any failure of symbolic tracing: fall back, and say why
             return tracer, None, e
 
@@ -399,9 +429,7 @@ def _trace_one(
         if error is None:
             # A forward that reads ``self.training`` is baked into the graph in the current mode
             # only: trace in the other mode too, and keep as a leaf whatever differs.
-            culprit = _mode_dependent(module, graph, lambda: attempt([]))
-            if culprit is not None:
-                error = RuntimeError("its forward differs between train() and eval() (it reads self.training)")
+            culprit, error = _mode_dependent(module, graph, lambda: attempt([]))
         else:
             culprit = tracer.culprit
         if error is not None:
@@ -427,18 +455,21 @@ def _trace_one(
     raise AssertionError("fallback loop did not converge")  # each round adds a new leaf
 
 
-def _mode_dependent(module: nn.Module, graph: fx.Graph, retrace: Any) -> str | None:
-    """``None`` if tracing in the other train/eval mode gives the same graph; else the module to make a leaf.
+def _mode_dependent(module: nn.Module, graph: fx.Graph, retrace: Any) -> tuple[str | None, Exception | None]:
+    """``(None, None)`` if tracing in the other train/eval mode gives the same graph; else the module to make
+    a leaf and why.
 
     The culprit is the innermost traced-through module of the first node that
-    differs ("" for the module's own forward). The other trace's tensor
-    constants are dropped; every module's mode is restored.
+    differs ("" for the module's own forward). A forward that checkpoints in
+    training only (Hugging Face layers) is caught here when prepared in eval
+    mode. The other trace's tensor constants are dropped; every module's mode
+    is restored.
     """
     modes = [(m, m.training) for m in module.modules()]
     before = set(module.__dict__)
     module.train(not module.training)
     try:
-        _, other, error = retrace()
+        tracer, other, error = retrace()
         # Both traces' tensor constants are on ``module`` until the finally: compare them by value.
         theirs = None if error is not None else [_signature(n, module) for n in other.nodes]
     finally:
@@ -446,14 +477,17 @@ def _mode_dependent(module: nn.Module, graph: fx.Graph, retrace: Any) -> str | N
             m.training = mode
         for name in set(module.__dict__) - before:
             del module.__dict__[name]
+    differs = RuntimeError("its forward differs between train() and eval() (it reads self.training)")
+    if isinstance(error, ActivationCheckpointing):
+        return tracer.culprit or "", error
     if theirs is None:
-        return ""
+        return "", differs
     mine = [_signature(n, module) for n in graph.nodes]
     for tag, i1, i2, j1, j2 in difflib.SequenceMatcher(None, mine, theirs, autojunk=False).get_opcodes():
         if tag != "equal":
             stack = (mine[i1:i2] or theirs[j1:j2])[0][2]
-            return stack[-1] if stack else ""  # module-stack names are relative to ``module``
-    return None
+            return (stack[-1] if stack else ""), differs  # module-stack names are relative to ``module``
+    return None, None
 
 
 def _signature(node: fx.Node, root: nn.Module) -> tuple:
@@ -495,6 +529,9 @@ def capture_model(
     if unknown:
         raise ValueError(f"leaf_modules names not found in the model: {', '.join(unknown)}")
     leaves = {id(modules[n]) for n in leaf_names}
+    # Modules the example run saw call torch.utils.checkpoint: never traced through (see record_calls).
+    checkpointing = {key for key, specs in (calls or {}).items() if CHECKPOINTS in specs}
+    leaves |= checkpointing - {id(model)}
     owner_ids = {id(modules[n]) for n in target_owners if n in modules}
     trace_through = {id(modules[n]) for n in target_owners if n in modules and _is_functional_layer(modules[n])}
     # Modules worth capturing: those with a pruned parameter somewhere below them.
@@ -514,13 +551,14 @@ def capture_model(
                 result.uncaptured[name] = "no example_inputs: how it is called is unknown"
                 continue
             specs = calls.get(id(child), [])
+            reasons = [spec for spec in specs if isinstance(spec, str)]
             reason = None
-            if not specs:
+            if reasons:
+                reason = reasons[0]
+            elif not specs:
                 reason = "not called in the example run"
             elif len(specs) > 1:
                 reason = f"called {len(specs)} different ways in the example run"
-            elif isinstance(specs[0], str):
-                reason = specs[0]
             elif id(child) in leaves or (leaf_types and isinstance(child, leaf_types)):
                 result.uncaptured[name] = "leaf_modules"
                 continue
@@ -540,6 +578,9 @@ def capture_model(
         """Fallback leaves inside a graph keep their forward; capture their children when calls are known."""
         if calls is None:
             return
+        for node in cap.graph.nodes:
+            if node.op == "call_module" and id(cap.module.get_submodule(node.target)) in checkpointing:
+                cap.leaves.setdefault(_join(cap.name, node.target), CHECKPOINTS)
         for leaf_name in list(cap.leaves):
             leaf = model.get_submodule(leaf_name)
             if id(leaf) in visited or id(leaf) not in relevant:
@@ -549,7 +590,10 @@ def capture_model(
             python_children(leaf, leaf_name)
 
     visited.add(id(model))
-    root, reason = _trace_one(model, "", None, concrete_args, trace_through, leaves, leaf_types)
+    if id(model) in checkpointing:
+        root, reason = Capture(name="", module=model), CHECKPOINTS
+    else:
+        root, reason = _trace_one(model, "", None, concrete_args, trace_through, leaves, leaf_types)
     root.reason = reason
     result.captures.append(root)
     if reason is None:

@@ -108,14 +108,80 @@ def test_checkpointed_blocks_are_recomputed_with_their_masks(width, depth, reent
         torch.testing.assert_close(g, params[t.name].grad * t.masked.mask, rtol=1e-5, atol=1e-6, msg=t.name)
 
 
-def test_hugging_face_gradient_checkpointing_is_kept():
+class BranchCheckpoints(nn.Module):
+    """Checkpoints only on the branch a default argument selects, like timm's ViT (``attn_mask=None``).
+
+    fx passes a proxy for ``mask``, so a trace takes the other branch: only
+    the example run shows that this forward checkpoints.
+    """
+
+    def __init__(self, width: int = 6):
+        super().__init__()
+        self.blocks = nn.ModuleList(Block(width) for _ in range(2))
+        self.head = nn.Linear(width, 3)
+        self.grad_checkpointing = True  # timm's flag
+
+    def forward(self, x, mask=None):
+        for block in self.blocks:
+            if mask is not None:
+                x = block(x * mask)
+            elif self.grad_checkpointing:
+                x = checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
+        return self.head(x)
+
+
+def test_the_example_run_shows_checkpointing_a_trace_would_miss():
+    torch.manual_seed(0)
+    model = BranchCheckpoints()
+    x = torch.randn(4, 6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        prepared = fxprune.prepare(model, HALF, example_inputs=(x,))
+    prepared.pruner.on_epoch_begin(0)
+    assert "torch.utils.checkpoint" in prepared.pruner.prepare_report.root_error
+    seen = counting_calls(prepared.blocks[1])
+    out = prepared(x)
+    out.sum().backward()
+    assert seen["calls"] == 2
+    torch.testing.assert_close(out, fxprune.convert(prepared)(x))
+    for t in prepared.pruner.targets:
+        assert bool((t.masked.param.grad[~t.masked.mask] == 0).all()), t.name
+
+
+def test_without_an_example_run_enabled_checkpointing_is_warned_about():
+    with pytest.warns(fxprune.TraceFallbackWarning, match="activation checkpointing is enabled in <root>"):
+        fxprune.prepare(BranchCheckpoints(), HALF)
+
+
+def test_timm_grad_checkpointing_is_kept_with_example_inputs():
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=10, img_size=32, patch_size=8)
+    model.set_grad_checkpointing(True)
+    x = torch.randn(2, 3, 32, 32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        prepared = fxprune.prepare(model, HALF, example_inputs=(x,))
+    prepared.pruner.on_epoch_begin(0)
+    seen = counting_calls(prepared.blocks[0])
+    prepared(x).sum().backward()
+    assert seen["calls"] == 2
+    for t in prepared.pruner.targets:
+        assert bool((t.masked.param.grad[~t.masked.mask] == 0).all()), t.name
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_hugging_face_gradient_checkpointing_is_kept(mode):
+    """Prepared in either mode (from_pretrained returns eval mode): checkpointing works in training."""
     pytest.importorskip("transformers")
     from transformers import BertConfig, BertForSequenceClassification
 
     torch.manual_seed(0)
     config = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                         intermediate_size=64)
-    model = BertForSequenceClassification(config).train()
+    model = BertForSequenceClassification(config).train(mode == "train")
     if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5 (the old name warns)
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     else:
