@@ -12,7 +12,9 @@ init, small configs, small inputs) this script checks, in order:
 4. ``convert`` gives the original class, whose eval output equals the
    prepared model's (``atol = 1e-5 * output scale``);
 5. the converted ``state_dict`` loads with ``strict=True`` into a fresh
-   instance built by the same constructor.
+   instance built by the same constructor;
+6. three SGD steps (momentum, weight decay, optimizer attached) leave the
+   gradients of pruned entries and the pruned weights at exactly 0.
 
 Run ``python benchmarks/model_sweep.py`` (all models, writes ``docs/models.md``)
 or ``python benchmarks/model_sweep.py resnet18 gpt2 --no-write``. Each model
@@ -246,7 +248,7 @@ def route_summary(prepared: nn.Module) -> str:
 
 
 def run_case(case: Case, result: CaseResult | None = None) -> CaseResult:
-    """Run the five checks of the module docstring on ``case``; raise AssertionError on the first failure."""
+    """Run the six checks of the module docstring on ``case``; raise AssertionError on the first failure."""
     res = result or CaseResult(case.name, case.family)
     torch.manual_seed(0)
     model = case.build()
@@ -292,8 +294,32 @@ def run_case(case: Case, result: CaseResult | None = None) -> CaseResult:
     fresh.load_state_dict(converted.state_dict(), strict=True)
     _assert_close(_eval_out(fresh, args, kwargs), prepared_out, "fresh instance loaded from converted")
     res.checks.append("strict-load")
+
+    _train_steps(prepared, args, kwargs)
+    res.checks.append("train")
     res.status = "ok"
     return res
+
+
+def _train_steps(prepared: nn.Module, args: tuple, kwargs: dict, steps: int = 3) -> None:
+    """A few optimizer-mode SGD steps (momentum, weight decay): gradients of pruned entries are 0 after every
+    backward and pruned weights are 0 after every step. In eval mode, so detection models need no targets
+    and batch norm no batch statistics; the gradients take the same masked path."""
+    opt = torch.optim.SGD(prepared.parameters(), lr=1e-3, momentum=0.9, weight_decay=1e-4)
+    prepared.pruner.attach(opt)
+    prepared.eval()
+    for _ in range(steps):
+        opt.zero_grad()
+        outs = [t for t in output_tensors(prepared(*args, **kwargs)) if t.is_floating_point() and t.requires_grad]
+        assert outs, "no output depends on the weights"
+        sum(t.float().pow(2).mean() for t in outs).backward()
+        for t in prepared.pruner.targets:
+            g = t.masked.param.grad
+            assert g is None or not bool(g[~t.masked.mask].any()), f"{t.name}: pruned entries got a gradient"
+        opt.step()
+        for t in prepared.pruner.targets:
+            assert not bool(t.masked.param.detach()[~t.masked.mask].any()), f"{t.name}: a pruned weight moved"
+    prepared.pruner.detach()
 
 
 def _prepare_kwargs(extra: dict) -> dict:
@@ -324,7 +350,9 @@ random weights from a small config, prepared with a magnitude pruner, pruned to 
 `pruner.on_epoch_begin`, and converted. Checks: **capture** (prepared == original before pruning),
 **goal** (every pruned weight at 50% within one element), **tied** (tied weights share one mask and
 stay one parameter after convert), **convert** (converted eval output == prepared, atol 1e-5 x
-output scale), **strict-load** (converted `state_dict` loads strictly into a fresh instance).
+output scale), **strict-load** (converted `state_dict` loads strictly into a fresh instance), **train**
+(three SGD steps with momentum and weight decay, optimizer attached, in eval mode: gradients of pruned
+entries are 0 after every backward, pruned weights 0 after every step).
 
 Route: `graph` = every pruned weight is a masked node of an fx graph; `module` = masked around the
 forward of the module that reads it; `mixed` = both. In parentheses, how the model was captured:

@@ -2,7 +2,8 @@
 
 Every sweep case asserts: prepared == original before pruning, each weight at
 its 50% goal, tied weights one mask / one parameter, converted == prepared,
-strict load into a fresh instance. The other tests pin down the per-submodule
+strict load into a fresh instance, and three optimizer steps with masked
+gradients and pruned weights kept at 0. The other tests pin down the per-submodule
 fallback on a small synthetic model and on Hugging Face models: which parts
 become graphs, that a call unlike the example run still computes the right
 thing, and that deepcopy / pickle / training keep working.
@@ -54,7 +55,7 @@ def test_sweep_case(name):
     pytest.importorskip(CI_SUBSET[name])
     result = sweep.run_case(sweep.CASES[name])
     assert result.status == "ok"
-    expected = ["capture", "goal"] + (["tied"] if sweep.CASES[name].tied else []) + ["convert", "strict-load"]
+    expected = ["capture", "goal"] + (["tied"] if sweep.CASES[name].tied else []) + ["convert", "strict-load", "train"]
     assert result.checks == expected
 
 
