@@ -250,6 +250,8 @@ class _GradientMask:
 #: (graph task id, whether it accumulates into .grad): one answer per backward pass, asked by every
 #: masked weight's tensor hook. A memo, not state: task ids are unique, so a stale entry is never reused.
 _last_task: tuple[int, bool] = (-1, False)
+#: Both engine queries are private torch APIs; without them every gradient is masked by the tensor hook too.
+_ENGINE_ANSWERS = hasattr(torch._C, "_current_graph_task_id") and hasattr(torch._C, "_will_engine_execute_node")
 
 
 def _accumulates(param: torch.Tensor) -> bool:
@@ -260,6 +262,8 @@ def _accumulates(param: torch.Tensor) -> bool:
     accumulator does.
     """
     global _last_task
+    if not _ENGINE_ANSWERS:
+        return False  # mask out of place here as well: correct, one more pass
     task = torch._C._current_graph_task_id()
     if _last_task[0] == task:
         return _last_task[1]
