@@ -51,6 +51,10 @@ class MaskedParameter(nn.Module):
         self._keep: torch.Tensor | None = None  # float copy of the mask, see keep()
         self._keep_key: tuple | None = None
         self._grad_mask: _GradientMask | None = None  # the hooks on ``param``
+        # The parameter object they are on, held here and not by the hooks (a weak reference would keep
+        # ``torch.utils.swap_tensors`` from swapping it; a strong one from the hooks, a cycle through it).
+        # In the instance dict: an attribute set to a Parameter would register a second parameter.
+        self.__dict__["_hooked"] = None
         self._hook_gradients(param)
 
     def forward(self) -> torch.Tensor:
@@ -62,8 +66,9 @@ class MaskedParameter(nn.Module):
         if not self._has_pruned:
             return param
         grad_mask = self._grad_mask
-        if grad_mask is None or grad_mask.param() is not param or (param.requires_grad and not grad_mask.handles):
-            grad_mask = self._hook_gradients(param)  # a copy, a swapped-in or an unfrozen parameter
+        if (grad_mask is None or self._hooked is not param or grad_mask.cdata != param._cdata
+                or (param.requires_grad and not grad_mask.handles)):
+            grad_mask = self._hook_gradients(param)  # a copy, a replaced, swapped or unfrozen parameter
         if grad_mask is not None and param._version == self._clean_version:
             return param  # its gradient is masked by the hooks
         return param * self.keep()
@@ -79,10 +84,27 @@ class MaskedParameter(nn.Module):
         old = self._grad_mask
         if old is not None:
             old.remove()
-            if old.param() is not param:
+            if self._hooked is not param or old.cdata != param._cdata:
                 self._clean_version = -1  # the version seen belonged to the previous tensor
+            if self._hooked is param and old.cdata != param._cdata:
+                # torch.utils.swap_tensors gave this object a new tensor (``_apply`` with
+                # torch.__future__.set_swap_module_params_on_conversion): torch's own registration of
+                # its hook dicts went with the old tensor, so start new ones.
+                param._backward_hooks = None
+                param._post_accumulate_grad_hooks = None
+        self.__dict__["_hooked"] = param
         self._grad_mask = _GradientMask(self, param)
         return self._grad_mask
+
+    def _apply(self, fn, recurse=True):  # type: ignore[override]
+        # A gradient stamp is a weak reference to the gradient, which would keep _apply from swapping it.
+        if self._grad_mask is not None:
+            self._grad_mask.stamp = None
+        result = super()._apply(fn, recurse)
+        param = self._parameters["param"]
+        if self._grad_mask is not None and (self._hooked is not param or self._grad_mask.cdata != param._cdata):
+            self._hook_gradients(param)
+        return result
 
     def grad_is_masked(self) -> bool:
         """True if ``param.grad`` is exactly the gradient the hooks masked, under the current mask.
@@ -141,7 +163,7 @@ class MaskedParameter(nn.Module):
         self._has_pruned = self._any_pruned()
         self._clean_version = -1
         param = self._parameters["param"]
-        if self._grad_mask is None or self._grad_mask.param() is not param:  # a backward may come with no forward
+        if self._hooked is not param:  # a backward may come with no forward since
             self._hook_gradients(param)
         self.apply_mask()
 
@@ -174,12 +196,13 @@ class MaskedParameter(nn.Module):
         self._clean_version = -1
         self._keep = self._keep_key = None
         self._grad_mask = None
+        self.__dict__["_hooked"] = None
         self._hook_gradients(self._parameters["param"])
 
     def __getstate__(self):
         # Hooks belong to this object's parameter; a copy hooks its own (in __setstate__).
         state = self.__dict__.copy()
-        state.update(_grad_mask=None, _keep=None, _keep_key=None)
+        state.update(_grad_mask=None, _hooked=None, _keep=None, _keep_key=None)
         return state
 
     def extra_repr(self) -> str:
@@ -209,11 +232,11 @@ class _GradientMask:
     is empty) until it does.
     """
 
-    __slots__ = ("owner", "param", "handles", "stamp")
+    __slots__ = ("owner", "cdata", "handles", "stamp")
 
     def __init__(self, owner: MaskedParameter, param: nn.Parameter):
         self.owner = weakref.ref(owner)
-        self.param = weakref.ref(param)
+        self.cdata = param._cdata  # which tensor the hooks were registered on (see _hook_gradients)
         self.stamp: tuple | None = None  # (weakref to the gradient, its version, the mask's version)
         self.handles: tuple[RemovableHandle, ...] = ()
         if param.requires_grad:
@@ -226,10 +249,10 @@ class _GradientMask:
         self.handles = ()
 
     def before_accumulate(self, grad: torch.Tensor) -> torch.Tensor | None:
-        owner, param = self.owner(), self.param()
-        if owner is None or param is None or not owner._has_pruned:
+        owner = self.owner()
+        if owner is None or not owner._has_pruned:
             return None
-        if _accumulates(param):
+        if _accumulates(owner._hooked):
             return None  # backward(): masked in place once accumulated
         return grad * owner.keep()  # autograd.grad(): the result is all there is
 
@@ -254,7 +277,7 @@ _last_task: tuple[int, bool] = (-1, False)
 _ENGINE_ANSWERS = hasattr(torch._C, "_current_graph_task_id") and hasattr(torch._C, "_will_engine_execute_node")
 
 
-def _accumulates(param: torch.Tensor) -> bool:
+def _accumulates(param: torch.Tensor | None) -> bool:
     """Whether the running backward pass accumulates into ``.grad`` (``backward()``), not ``autograd.grad()``.
 
     Inside ``torch.autograd.grad`` the engine refuses the question for a leaf
@@ -262,7 +285,7 @@ def _accumulates(param: torch.Tensor) -> bool:
     accumulator does.
     """
     global _last_task
-    if not _ENGINE_ANSWERS:
+    if not _ENGINE_ANSWERS or param is None:
         return False  # mask out of place here as well: correct, one more pass
     task = torch._C._current_graph_task_id()
     if _last_task[0] == task:

@@ -193,3 +193,33 @@ def test_converted_model_has_plain_parameters_without_hooks():
     loss_of(plain, x).backward()
     # a converted model trains like any model: pruned (zero) weights get their gradient again
     assert any(bool((p.grad[p == 0] != 0).any()) for p in plain.parameters() if p.dim() >= 2)
+
+
+@pytest.mark.parametrize("swap", [False, True])
+def test_dtype_conversion_mid_training_keeps_gradients_masked(swap):
+    """``.double()`` between steps, also with torch's swap_tensors conversion (which gives the parameter object a
+    new tensor: hooks registered on the old one would no longer fire)."""
+    previous = torch.__future__.get_swap_module_params_on_conversion()
+    torch.__future__.set_swap_module_params_on_conversion(swap)
+    try:
+        prepared, x = pruned(MLPSpec(widths=(6, 6, 4), kinds=("module", "functional"), seed=4))
+        opt = torch.optim.SGD(prepared.parameters(), lr=0.1, momentum=0.9)
+        prepared.pruner.attach(opt)
+        loss_of(prepared, x).backward()
+        opt.step()  # gradients and their stamps exist while converting
+        prepared.double()
+        x = x.double()
+        for _ in range(2):
+            opt.zero_grad()
+            loss_of(prepared, x).backward()
+            for t in prepared.pruner.targets:
+                assert t.masked.param.dtype == torch.float64
+                assert bool((t.masked.param.grad[~t.masked.mask] == 0).all()), t.name
+            opt.step()
+            for t in prepared.pruner.targets:
+                assert bool((t.masked.param.detach()[~t.masked.mask] == 0).all()), t.name
+        grads = torch.autograd.grad(loss_of(prepared, x), [t.masked.param for t in prepared.pruner.targets])
+        for g, t in zip(grads, prepared.pruner.targets):
+            assert bool((g[~t.masked.mask] == 0).all()), t.name
+    finally:
+        torch.__future__.set_swap_module_params_on_conversion(previous)
