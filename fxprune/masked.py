@@ -51,6 +51,10 @@ class MaskedParameter(nn.Module):
         self._keep: torch.Tensor | None = None  # float copy of the mask, see keep()
         self._keep_key: tuple | None = None
         self._grad_mask: _GradientMask | None = None  # the hooks on ``param``
+        # How many attached optimizers watch this weight's steps (fxprune.zero_preserving). Without one, a
+        # gradient means some step we do not see may change the weight, and fused optimizers do so without
+        # moving its version counter: the weight is no longer known clean once it has a gradient.
+        self.optimizer_watched = 0
         # The parameter object they are on, held here and not by the hooks (a weak reference would keep
         # ``torch.utils.swap_tensors`` from swapping it; a strong one from the hooks, a cycle through it).
         # In the instance dict: an attribute set to a Parameter would register a second parameter.
@@ -127,7 +131,10 @@ class MaskedParameter(nn.Module):
         param, mask = self._parameters["param"], self._buffers["mask"]
         key = (mask._version, mask.data_ptr(), param.dtype, param.device)
         if self._keep is None or self._keep_key != key:
-            self._keep = mask.view(torch.uint8).to(dtype=param.dtype, device=param.device)
+            # Built outside inference mode even when first asked for inside it (validation under
+            # torch.inference_mode()): an inference tensor could not be saved for a later backward.
+            with torch.inference_mode(False):
+                self._keep = mask.view(torch.uint8).to(dtype=param.dtype, device=param.device)
             self._keep_key = key
         return self._keep
 
@@ -138,6 +145,10 @@ class MaskedParameter(nn.Module):
         """
         # Per weight and step: the instance dict directly, not nn.Module.__setattr__ (~4 us a call).
         self.__dict__["_clean_version"] = self._parameters["param"]._version
+
+    def forget_clean(self) -> None:
+        """The stored pruned entries may have changed in a way the version counter does not show."""
+        self.__dict__["_clean_version"] = -1
 
     def is_clean(self) -> bool:
         """True when the stored pruned entries are known to be exactly zero."""
@@ -189,6 +200,9 @@ class MaskedParameter(nn.Module):
         super()._load_from_state_dict(*args, **kwargs)
         self._has_pruned = self._any_pruned()
         self._clean_version = -1
+        # Re-zero now rather than multiply in the next forward: a forward's graph must not depend on whether
+        # a hook ran in between (non-reentrant checkpointing recomputes it and compares).
+        self.apply_mask()
 
     def __setstate__(self, state):
         # A copied or unpickled tensor has a fresh version counter: never trust the old one.
@@ -198,11 +212,12 @@ class MaskedParameter(nn.Module):
         self._grad_mask = None
         self.__dict__["_hooked"] = None
         self._hook_gradients(self._parameters["param"])
+        self.apply_mask()  # see _load_from_state_dict
 
     def __getstate__(self):
         # Hooks belong to this object's parameter; a copy hooks its own (in __setstate__).
         state = self.__dict__.copy()
-        state.update(_grad_mask=None, _hooked=None, _keep=None, _keep_key=None)
+        state.update(_grad_mask=None, _hooked=None, _keep=None, _keep_key=None, optimizer_watched=0)
         return state
 
     def extra_repr(self) -> str:
@@ -266,6 +281,8 @@ class _GradientMask:
             param.grad = grad * owner.keep()
             return
         grad.mul_(owner.keep())
+        if not owner.optimizer_watched:
+            owner.forget_clean()  # see MaskedParameter.__init__
         if not grad.requires_grad:  # a gradient with a graph (create_graph=True) may change through it
             self.stamp = (weakref.ref(grad), grad._version, owner._buffers["mask"]._version)
 

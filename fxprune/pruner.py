@@ -409,3 +409,4 @@ class _Attachment:
     def remove(self) -> None:
         for h in self.handles:
             h.remove()
+        self.steps.release()

@@ -57,6 +57,8 @@ class ZeroPreservingSteps:
         self.masked = [m for m in masked if id(m.param) in held]
         self.not_held = [m for m in masked if id(m.param) not in held]  # re-zeroed by the pruner after each step
         self.optimizer_preserves_zeros = type(optimizer) in ZERO_PRESERVING
+        for m in self.masked:
+            m.optimizer_watched += 1
         self._clean_before: list[bool] = []
         # id(param) -> the mask version at which the state was last known zero at the pruned entries
         self._state_zero: dict[int, int | None] = {id(m.param): None for m in self.masked}
@@ -80,6 +82,16 @@ class ZeroPreservingSteps:
 
     def before_step(self) -> None:
         self._clean_before = [m.is_clean() for m in self.masked]
+        if any(group.get("fused") for group in self.optimizer.param_groups):
+            # A fused step writes the weights without moving their version counters: after it, a weight
+            # is clean only where the skip proves it.
+            for m in self.masked:
+                m.forget_clean()
+
+    def release(self) -> None:
+        """Stop watching (detach): the weights go back to being re-zeroed whenever they have a gradient."""
+        for m in self.masked:
+            m.optimizer_watched -= 1
 
     def after_step(self) -> None:
         """Re-zero what the step may have moved, except where that provably changes nothing."""

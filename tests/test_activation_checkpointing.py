@@ -203,3 +203,31 @@ def test_hugging_face_gradient_checkpointing_is_kept(mode):
     for t in prepared.pruner.targets:
         assert t.masked.param.grad is not None, t.name
         assert bool((t.masked.param.grad[~t.masked.mask] == 0).all()), t.name
+
+
+@pytest.mark.parametrize("how", ["load_state_dict", "deepcopy"])
+def test_checkpointed_training_resumes(how):
+    """A resumed model's first forward must build the same graph as its recomputation (non-reentrant
+    checkpoint compares them), whatever the hooks do in between."""
+    import copy
+
+    torch.manual_seed(0)
+    model = Net(6, 2, reentrant=False, where="stage")
+    x = torch.randn(4, 6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        prepared = fxprune.prepare(model, HALF, example_inputs=(x,))
+    prepared.pruner.on_epoch_begin(0)
+    if how == "deepcopy":
+        prepared = copy.deepcopy(prepared)
+    else:
+        prepared.load_state_dict(prepared.state_dict())
+    opt = torch.optim.SGD(prepared.parameters(), lr=0.1)
+    for _ in range(2):  # no on_batch_begin: the first forward meets the weights as loaded
+        loss = prepared.pruner.on_minibatch_end(prepared, prepared(x).pow(2).sum())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        prepared.pruner.on_batch_end()
+    for t in prepared.pruner.targets:
+        assert bool((t.masked.param.detach()[~t.masked.mask] == 0).all()), t.name

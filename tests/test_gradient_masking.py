@@ -223,3 +223,17 @@ def test_dtype_conversion_mid_training_keeps_gradients_masked(swap):
             assert bool((g[~t.masked.mask] == 0).all()), t.name
     finally:
         torch.__future__.set_swap_module_params_on_conversion(previous)
+
+
+def test_training_after_validation_under_inference_mode():
+    """The cached float mask first built inside torch.inference_mode() must still be usable for training."""
+    prepared, x = pruned(MLPSpec(widths=(6, 6, 4), kinds=("module", "functional"), seed=5))
+    prepared.load_state_dict(prepared.state_dict())  # a resume: masks and weights loaded anew
+    for t in prepared.pruner.targets:
+        t.masked.forget_clean()  # as after an edit the version counter does not show: the forward multiplies
+    with torch.inference_mode():
+        prepared.eval()
+        prepared(x)
+        prepared.train()
+    loss_of(prepared, x).backward()
+    check(prepared, {t.name: t.masked.param.grad for t in prepared.pruner.targets}, reference_grads(prepared, x))

@@ -150,3 +150,30 @@ def test_accumulated_gradients_still_skip(what):
     prepared, steps, zero = run("SGD", ["none"] * 2 + [what] * 2, trusted=True, config=once)
     assert zero
     assert steps.skipped == 12 and steps.done == 0, (what, steps.skipped, steps.done)
+
+
+@pytest.mark.parametrize("name", ["SGD", "Adam", "AdamW"])
+@pytest.mark.parametrize("mode", ["attach", "hooks"])
+def test_fused_optimizers_keep_pruned_weights_at_zero(name, mode):
+    """A fused step writes the weights without moving their version counters: nothing may take them as clean."""
+    kwargs = {"lr": 1e-2, "fused": True, **({"momentum": 0.9} if name == "SGD" else {})}
+    prepared = fxprune.prepare(TinyNet(), step_config(start_step=0, end_step=4, frequency_steps=2))
+    opt = getattr(torch.optim, name)(prepared.parameters(), **kwargs)
+    pruner = prepared.pruner
+    if mode == "attach":
+        pruner.attach(opt)
+    gen = torch.Generator().manual_seed(0)
+    for x, y in batches(8):
+        if mode == "hooks":
+            pruner.on_batch_begin()
+        opt.zero_grad()
+        loss_fn(prepared, x, y).backward()
+        for p in prepared.parameters():  # noise on every gradient: pruned entries would move
+            p.grad.add_(1e-2 * torch.randn(p.shape, generator=gen))
+        opt.step()
+        if mode == "hooks":
+            pruner.on_batch_end()
+        assert pruned_entries_are_zero(prepared)
+        prepared.eval()
+        torch.testing.assert_close(prepared(x), fxprune.convert(prepared)(x))
+        prepared.train()
