@@ -69,11 +69,16 @@ class MaskedParameter(nn.Module):
             return param * self._buffers["mask"] if self._has_pruned else param
         if not self._has_pruned:
             return param
+        if self._hooked is not param:
+            # Not the parameter the hooks are on: a tensor swapped in for one call
+            # (torch.func.functional_call, an EMA model's parameters) or one the user assigned. Moving the
+            # hooks to it would unhook the real one while its graph may still be pending: multiply instead.
+            # (A mask update, load_state_dict or module.to() adopts an assigned parameter.)
+            return param * self.keep()
         grad_mask = self._grad_mask
-        if (grad_mask is None or self._hooked is not param or grad_mask.cdata != param._cdata
-                or (param.requires_grad and not grad_mask.handles)):
-            grad_mask = self._hook_gradients(param)  # a copy, a replaced, swapped or unfrozen parameter
-        if grad_mask is not None and param._version == self._clean_version:
+        if grad_mask is None or grad_mask.cdata != param._cdata or (param.requires_grad and not grad_mask.handles):
+            grad_mask = self._hook_gradients(param)  # swapped in place (swap_tensors) or unfrozen
+        if param._version == self._clean_version:
             return param  # its gradient is masked by the hooks
         return param * self.keep()
 
@@ -200,6 +205,8 @@ class MaskedParameter(nn.Module):
         super()._load_from_state_dict(*args, **kwargs)
         self._has_pruned = self._any_pruned()
         self._clean_version = -1
+        if self._hooked is not self._parameters["param"]:  # assign=True loads put new parameter objects here
+            self._hook_gradients(self._parameters["param"])
         # Re-zero now rather than multiply in the next forward: a forward's graph must not depend on whether
         # a hook ran in between (non-reentrant checkpointing recomputes it and compares).
         self.apply_mask()

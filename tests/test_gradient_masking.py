@@ -237,3 +237,15 @@ def test_training_after_validation_under_inference_mode():
         prepared.train()
     loss_of(prepared, x).backward()
     check(prepared, {t.name: t.masked.param.grad for t in prepared.pruner.targets}, reference_grads(prepared, x))
+
+
+def test_functional_call_with_another_models_parameters_leaves_the_hooks_alone():
+    """An EMA/teacher forward through functional_call (nn.Parameter values) between forward and backward."""
+    prepared, x = pruned(MLPSpec(widths=(6, 6, 4), kinds=("module", "module"), seed=6))
+    ema = {name: nn.Parameter(p.detach().clone()) for name, p in prepared.named_parameters()}
+    loss = loss_of(prepared, x)
+    with torch.no_grad():
+        torch.func.functional_call(prepared, ema, (x,))
+    loss.backward()
+    check(prepared, {t.name: t.masked.param.grad for t in prepared.pruner.targets}, reference_grads(prepared, x))
+    assert all(t.masked._hooked is t.masked.param for t in prepared.pruner.targets)
