@@ -179,15 +179,20 @@ def install_masks(gm: fx.GraphModule, root: nn.Module, plan: PruningPlan, captur
                 m = base.get_submodule(node.target)
                 if not isinstance(m, MaskedParameter) and id(m) not in hooked:
                     hooked[id(m)] = (m, entries_below(m, graph_read if id(m) in python else set()))
-    # Each owner below a hooked module masks its own weights too, for calls made outside the hooked
-    # module's call: activation checkpointing re-runs a submodule during backward.
-    by_owner: dict[int, tuple[nn.Module, list]] = {}
-    for _, entries in hooked.values():
-        for e in entries:
-            mine = by_owner.setdefault(id(e[0]), (e[0], []))[1]
-            if id(e[0]) not in hooked and all(x[1] != e[1] for x in mine):
-                mine.append(e)
-    for leaf, entries in list(hooked.values()) + list(by_owner.values()):
+    # Each module below a hooked one masks the weights below it too, for calls made outside the hooked
+    # module's call: activation checkpointing re-runs a submodule during backward (an
+    # nn.MultiheadAttention reads out_proj.weight without calling out_proj, so owners alone are not enough).
+    below: dict[int, tuple[nn.Module, list]] = {}
+    for leaf, entries in hooked.values():
+        for m in _walk(leaf, own_graph):
+            if m is leaf or id(m) in hooked:
+                continue
+            inside = {id(x) for x in _walk(m, own_graph)}
+            mine = below.setdefault(id(m), (m, []))[1]
+            for e in entries:
+                if id(e[0]) in inside and all(x[0] is not e[0] or x[1] != e[1] for x in mine):
+                    mine.append(e)
+    for leaf, entries in list(hooked.values()) + list(below.values()):
         if not entries:
             continue
         hooks = LeafMasks([(o, a, m) for o, a, m, _ in entries])

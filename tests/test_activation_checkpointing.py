@@ -231,3 +231,38 @@ def test_checkpointed_training_resumes(how):
         prepared.pruner.on_batch_end()
     for t in prepared.pruner.targets:
         assert bool((t.masked.param.detach()[~t.masked.mask] == 0).all()), t.name
+
+
+class CheckpointedEncoder(nn.Module):
+    """Checkpointed nn.TransformerEncoderLayers: module-level masking, and MultiheadAttention reads
+    ``out_proj.weight`` without calling ``out_proj``."""
+
+    def __init__(self, reentrant: bool):
+        super().__init__()
+        self.layers = nn.ModuleList(
+            nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True) for _ in range(2))
+        self.reentrant = reentrant
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = checkpoint(layer, x, use_reentrant=self.reentrant)
+        return x
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+@pytest.mark.parametrize("with_example", [False, True])
+def test_checkpointed_attention_layers_train(reentrant, with_example):
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        prepared = fxprune.prepare(CheckpointedEncoder(reentrant), HALF, example_inputs=(x,) if with_example else None)
+        prepared.pruner.on_epoch_begin(0)
+        out = prepared(x.requires_grad_())
+        out.pow(2).sum().backward()
+    for t in prepared.pruner.targets:
+        assert t.masked.param.grad is not None, t.name
+        assert bool((t.masked.param.grad[~t.masked.mask] == 0).all()), t.name
+    prepared.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(prepared(x), fxprune.convert(prepared)(x))
