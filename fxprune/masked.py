@@ -183,6 +183,19 @@ class MaskedParameter(nn.Module):
             self._hook_gradients(param)
         self.apply_mask()
 
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        # Code that reads a module-level-masked weight outside the module's call gets this module instead of
+        # a tensor; the usual case is activation checkpointing, whose recomputation in backward re-runs a
+        # method (``checkpoint(self.mix, x)`` with ``x @ self.w``) after the leaf's hooks have exited. Torch
+        # functions and operators then use the effective weight.
+        def effective(a):
+            return a() if isinstance(a, MaskedParameter) else a
+
+        args = tuple(effective(a) for a in args)
+        kwargs = {k: effective(v) for k, v in (kwargs or {}).items()}
+        return func(*args, **kwargs)
+
     # Tensor metadata, for Python forwards that read ``self.layer.weight.dtype`` (e.g. HF ViTModel) while
     # the layer runs a graph of its own: the masked module stands where the parameter was.
     @property

@@ -249,6 +249,7 @@ class CheckpointedEncoder(nn.Module):
         return x
 
 
+@pytest.mark.filterwarnings("ignore:None of the inputs have requires_grad")  # prepare's no-grad example run
 @pytest.mark.parametrize("reentrant", [False, True])
 @pytest.mark.parametrize("with_example", [False, True])
 def test_checkpointed_attention_layers_train(reentrant, with_example):
@@ -266,3 +267,37 @@ def test_checkpointed_attention_layers_train(reentrant, with_example):
     prepared.eval()
     with torch.no_grad():
         torch.testing.assert_close(prepared(x), fxprune.convert(prepared)(x))
+
+
+class CheckpointsAMethod(nn.Module):
+    """``checkpoint(self.mix, x)``: the recomputation reads the weights with no module call around it."""
+
+    def __init__(self, reentrant: bool):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(6, 6) / 3)
+        self.fc = nn.Linear(6, 6)
+        self.reentrant = reentrant
+
+    def mix(self, x):
+        return torch.tanh(torch.nn.functional.linear(x @ self.w, self.fc.weight, self.fc.bias))
+
+    def forward(self, x):
+        if x.sum() > 1e9:  # data-dependent: this forward stays Python, its weights masked at module level
+            return x
+        return checkpoint(self.mix, x, use_reentrant=self.reentrant)
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_a_checkpointed_method_reading_weights_directly(reentrant):
+    torch.manual_seed(0)
+    x = torch.randn(4, 6, requires_grad=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        prepared = fxprune.prepare(CheckpointsAMethod(reentrant), HALF)
+    prepared.pruner.on_epoch_begin(0)
+    assert set(prepared.pruner.prepare_report.routes.values()) == {"module"}
+    out = prepared(x)
+    out.pow(2).sum().backward()
+    torch.testing.assert_close(out, fxprune.convert(prepared)(x))
+    for t in prepared.pruner.targets:
+        assert bool((t.masked.param.grad[~t.masked.mask] == 0).all()), t.name
