@@ -338,9 +338,16 @@ class Pruner(nn.Module):
         except PolicyNotReady as e:
             raise PruningError(f"{p.key_path}: weight {t.name!r}: {e}") from None
 
-    def apply_masks(self) -> None:
-        """Zero the stored pruned entries of every parameter that changed since the last call."""
+    def apply_masks(self, *, force: bool = False) -> None:
+        """Zero the stored pruned entries of every parameter that changed since the last call.
+
+        "Changed" is read from autograd version counters, which writes through
+        ``.data`` (``torch.nn.utils.vector_to_parameters``, ``p.data.copy_(...)``)
+        do not move: after such a write call ``apply_masks(force=True)``.
+        """
         for t in self.targets:
+            if force:
+                t.masked.forget_clean()
             t.masked.apply_mask()
 
     # -------------------------------------------------------- module plumbing

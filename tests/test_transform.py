@@ -239,3 +239,19 @@ def test_several_pruners_with_own_windows_and_targets():
     assert [s["layers.0.weight"] for s in seen] == [0, 16, 32, 32, 32, 32]
     assert [s["layers.1.weight"] for s in seen] == [0, 0, 0, 0, 48, 48]
     assert [s["raw.0"] for s in seen] == [0, 6, 6, 6, 6, 6]
+
+
+def test_apply_masks_force_after_a_write_through_data():
+    """Writes through .data do not move version counters: apply_masks(force=True) re-zeroes anyway."""
+    spec = MLPSpec(widths=(6, 6, 4), kinds=("module", "functional"), seed=0)
+    model, x = build(spec)
+    prepared = fxprune.prepare(model, config_for({"start_epoch": 0, "end_epoch": 0, "target_sparsity": 0.5}))
+    prepared.pruner.on_epoch_begin(0)
+    params = [t.masked.param for t in prepared.pruner.targets]
+    torch.nn.utils.vector_to_parameters(torch.nn.utils.parameters_to_vector(params) + 1.0, params)
+    prepared.pruner.apply_masks()
+    assert not all((t.masked.param[~t.masked.mask] == 0).all() for t in prepared.pruner.targets)  # premise
+    prepared.pruner.apply_masks(force=True)
+    assert all((t.masked.param[~t.masked.mask] == 0).all() for t in prepared.pruner.targets)
+    prepared.eval()
+    torch.testing.assert_close(prepared(x), fxprune.convert(prepared)(x))
