@@ -75,26 +75,32 @@ class MaskedParameter(nn.Module):
             # hooks to it would unhook the real one while its graph may still be pending: multiply instead.
             # (A mask update, load_state_dict or module.to() adopts an assigned parameter.)
             return param * self.keep()
-        grad_mask = self._grad_mask
-        if grad_mask is None or grad_mask.cdata != param._cdata or (param.requires_grad and not grad_mask.handles):
-            grad_mask = self._hook_gradients(param)  # swapped in place (swap_tensors) or unfrozen
+        self._adopt(param)  # swapped in place (swap_tensors) or unfrozen since hooked
         if param._version == self._clean_version:
             return param  # its gradient is masked by the hooks
         return param * self.keep()
 
-    def _hook_gradients(self, param: torch.Tensor) -> _GradientMask | None:
+    def _adopt(self, param: torch.Tensor) -> None:
+        """Make the hooks be on ``param`` unless they already are (same object, same tensor, hooked if it
+        requires gradients)."""
+        grad_mask = self._grad_mask
+        if (grad_mask is None or self._hooked is not param or grad_mask.cdata != param._cdata
+                or (param.requires_grad and not grad_mask.handles)):
+            self._hook_gradients(param)
+
+    def _hook_gradients(self, param: torch.Tensor) -> None:
         """Put the gradient-masking hooks on ``param`` (the module's own leaf parameter) and nowhere else.
 
         A tensor swapped in for one call (``torch.func.functional_call``, FSDP's
         views) is left alone: the forward multiplies it instead.
         """
         if not isinstance(param, nn.Parameter) or not param.is_leaf:
-            return None
+            return
         old = self._grad_mask
         if old is not None:
             old.remove()
             if self._hooked is not param or old.cdata != param._cdata:
-                self._clean_version = -1  # the version seen belonged to the previous tensor
+                self.forget_clean()  # the version seen belonged to the previous tensor
             if self._hooked is param and old.cdata != param._cdata:
                 # torch.utils.swap_tensors gave this object a new tensor (``_apply`` with
                 # torch.__future__.set_swap_module_params_on_conversion): torch's own registration of
@@ -103,16 +109,13 @@ class MaskedParameter(nn.Module):
                 param._post_accumulate_grad_hooks = None
         self.__dict__["_hooked"] = param
         self._grad_mask = _GradientMask(self, param)
-        return self._grad_mask
 
     def _apply(self, fn, recurse=True):  # type: ignore[override]
         # A gradient stamp is a weak reference to the gradient, which would keep _apply from swapping it.
         if self._grad_mask is not None:
             self._grad_mask.stamp = None
         result = super()._apply(fn, recurse)
-        param = self._parameters["param"]
-        if self._grad_mask is not None and (self._hooked is not param or self._grad_mask.cdata != param._cdata):
-            self._hook_gradients(param)
+        self._adopt(self._parameters["param"])
         return result
 
     def grad_is_masked(self) -> bool:
@@ -177,10 +180,8 @@ class MaskedParameter(nn.Module):
         """Install a new mask and zero the newly pruned entries."""
         self.mask.copy_(mask)
         self._has_pruned = self._any_pruned()
-        self._clean_version = -1
-        param = self._parameters["param"]
-        if self._hooked is not param:  # a backward may come with no forward since
-            self._hook_gradients(param)
+        self.forget_clean()
+        self._adopt(self._parameters["param"])  # a backward may come with no forward since
         self.apply_mask()
 
     @classmethod
@@ -217,9 +218,8 @@ class MaskedParameter(nn.Module):
     def _load_from_state_dict(self, *args, **kwargs):  # noqa: D401 - torch hook
         super()._load_from_state_dict(*args, **kwargs)
         self._has_pruned = self._any_pruned()
-        self._clean_version = -1
-        if self._hooked is not self._parameters["param"]:  # assign=True loads put new parameter objects here
-            self._hook_gradients(self._parameters["param"])
+        self.forget_clean()
+        self._adopt(self._parameters["param"])  # assign=True loads put new parameter objects here
         # Re-zero now rather than multiply in the next forward: a forward's graph must not depend on whether
         # a hook ran in between (non-reentrant checkpointing recomputes it and compares).
         self.apply_mask()
@@ -227,7 +227,7 @@ class MaskedParameter(nn.Module):
     def __setstate__(self, state):
         # A copied or unpickled tensor has a fresh version counter: never trust the old one.
         super().__setstate__(state)
-        self._clean_version = -1
+        self.forget_clean()
         self._keep = self._keep_key = None
         self._grad_mask = None
         self.__dict__["_hooked"] = None

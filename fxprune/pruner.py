@@ -185,7 +185,7 @@ class Pruner(nn.Module):
         self._optimizers.append(attachment)
         if steps_per_epoch is not None and self._optimizers[0].optimizer is optimizer:
             self.epoch.fill_(int(self.step) // steps_per_epoch)
-        attachment.steps.zero_state([t.masked for t in self.targets])  # state from before attach
+        attachment.steps.zero_state()  # state from before attach
         self.update_masks()
         self.apply_masks()
         return handle
@@ -218,7 +218,7 @@ class Pruner(nn.Module):
         self.step.add_(1)
         if self.steps_per_epoch is not None:
             self.epoch.fill_(int(self.step) // self.steps_per_epoch)
-        elif int(self.epoch) < 0 and any(not p.by_step for p in self.pruner_configs):
+        elif int(self.epoch) < 0 and self._by_epoch:
             names = ", ".join(p.key_path for p in self.pruner_configs if not p.by_step)
             raise PruningError(
                 f"{names} schedule(s) by epoch, but no epoch is known: pass steps_per_epoch to attach() "
@@ -228,7 +228,7 @@ class Pruner(nn.Module):
 
     def _after_optimizer_load(self, attachment: _Attachment, optimizer: torch.optim.Optimizer) -> None:
         # A loaded state may come from before pruning: its moments would move pruned weights again.
-        attachment.steps.zero_state([t.masked for t in self.targets])
+        attachment.steps.zero_state()
 
     def _zero_optimizer_state(self, masked: list[MaskedParameter]) -> None:
         for a in self._optimizers:

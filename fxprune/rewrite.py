@@ -184,14 +184,13 @@ def install_masks(gm: fx.GraphModule, root: nn.Module, plan: PruningPlan, captur
     # nn.MultiheadAttention reads out_proj.weight without calling out_proj, so owners alone are not enough).
     below: dict[int, tuple[nn.Module, list]] = {}
     for leaf, entries in hooked.values():
+        shown = {(id(e[0]), e[1]) for e in entries}
         for m in _walk(leaf, own_graph):
             if m is leaf or id(m) in hooked:
                 continue
-            inside = {id(x) for x in _walk(m, own_graph)}
             mine = below.setdefault(id(m), (m, []))[1]
-            for e in entries:
-                if id(e[0]) in inside and all(x[0] is not e[0] or x[1] != e[1] for x in mine):
-                    mine.append(e)
+            have = {(id(e[0]), e[1]) for e in mine}
+            mine += [e for e in entries_below(m, set()) if (id(e[0]), e[1]) in shown - have]
     for leaf, entries in list(hooked.values()) + list(below.values()):
         if not entries:
             continue

@@ -66,14 +66,15 @@ class ZeroPreservingSteps:
         self.done = 0  # re-zeroings done
 
     @torch.no_grad()
-    def zero_state(self, masked: Iterable[MaskedParameter]) -> None:
-        """Zero this optimizer's per-entry state (momentum, Adam moments) at the pruned entries of ``masked``.
+    def zero_state(self, masked: Iterable[MaskedParameter] | None = None) -> None:
+        """Zero this optimizer's per-entry state (momentum, Adam moments) at the pruned entries of ``masked``
+        (default: every weight it holds).
 
         Every state tensor shaped like the parameter is masked, so no stale
         moment pushes a pruned weight again; from here on the state is known
         to be zero there (condition 3).
         """
-        for m in masked:
+        for m in self.masked if masked is None else masked:
             for value in self.optimizer.state.get(m.param, {}).values():
                 if torch.is_tensor(value) and value.shape == m.mask.shape:
                     value.mul_(m.mask)
