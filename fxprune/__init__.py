@@ -5,7 +5,7 @@
 """
 from fxprune.calibrate import calibrate
 from fxprune.config import PrunerConfig, PruningConfig, load_config
-from fxprune.convert import convert
+from fxprune.convert import UnappliedGoalWarning, convert
 from fxprune.distributed import check_masks_consistent
 from fxprune.errors import ConfigError, PruningError, TraceError
 from fxprune.masked import MaskedParameter
@@ -33,6 +33,7 @@ __all__ = [
     "TraceError",
     "PruningError",
     "TraceFallbackWarning",
+    "UnappliedGoalWarning",
 ]
 
 __version__ = "0.1.0"

@@ -8,6 +8,7 @@ holding ``param * mask``: no fxprune module, buffer or hook is left, its
 from __future__ import annotations
 
 import copy
+import warnings
 
 from torch import nn
 
@@ -17,7 +18,16 @@ from fxprune.masked import MaskedParameter
 from fxprune.pruner import Pruner
 from fxprune.rewrite import LeafMasks, remove_leaf_hooks, restore_parameters
 
-__all__ = ["convert"]
+__all__ = ["convert", "UnappliedGoalWarning"]
+
+
+class UnappliedGoalWarning(UserWarning):
+    """``convert`` was called while a pruner's masks lag behind its current goal (e.g. never updated).
+
+    The usual cause is a one-shot config converted without a training loop
+    and without :meth:`fxprune.Pruner.prune_now`: the result would silently be
+    the dense model.
+    """
 
 
 def convert(
@@ -51,6 +61,7 @@ def convert(
         sparse_names = semi_structured_candidates(prepared.pruner.targets, prepared.pruner.pruner_configs)
         if not sparse_names:
             raise PruningError("convert(semi_structured=True): no weight is pruned with pattern '2:4' (or N:4, N <= 2)")
+    _warn_unapplied(prepared.pruner)
     model = prepared if inplace else copy.deepcopy(prepared)
     root = model._fxprune_original.module
     if physical:
@@ -77,6 +88,26 @@ def convert(
 
         shrink(root, model.__dict__["_fxprune_channels"], removed)
     return root
+
+
+def _warn_unapplied(pruner: Pruner) -> None:
+    lagging = pruner.unapplied_goals()
+    if not lagging:
+        return
+    keys = {p.name: p.key_path for p in pruner.pruner_configs}
+    lines = [
+        f"{keys[name]}: goal {goal:.4f} now, but its masks "
+        + ("were never updated" if done == 0 else f"are at {done:.4f}")
+        for name, (goal, done) in lagging.items()
+    ]
+    warnings.warn(
+        "fxprune.convert: the model is converted with less sparsity than its schedule asks for now:\n  "
+        + "\n  ".join(lines)
+        + "\ncall prepared.pruner.prune_now() first to apply the current goals (one-shot pruning without a "
+        "training loop), or drive the schedule with pruner.on_epoch_begin(epoch) / pruner.attach(optimizer)",
+        UnappliedGoalWarning,
+        stacklevel=3,
+    )
 
 
 def _verify_clean(model: nn.Module) -> None:

@@ -4,14 +4,24 @@ Pure data: nothing here mutates the model, so every config error (a name
 that matches nothing, a weight claimed twice) is raised before the model is
 touched.
 
-Which weights are prunable by default (a pruner without ``weights:``): every
-parameter with at least two dimensions of size > 1 (matrices and kernels:
-Linear, Conv, ConvTranspose, Embedding and attention projection weights,
-raw ``nn.Parameter`` matrices), except parameters of normalization layers.
-Biases, norm scales/shifts, and broadcast parameters such as ``(C, 1, 1)``
-layer scales or ``(1, 1, D)`` class tokens are not. Glob and ``re:`` patterns
-choose among the prunable weights; an exact name selects that parameter
-whatever its shape, because the user asked for it by name.
+Which weights are prunable by default (a pruner without ``weights:``):
+
+- the weight of every layer that multiplies its input by it -- ``nn.Linear``,
+  ``Conv*``, ``ConvTranspose*``, ``nn.Embedding``/``EmbeddingBag``,
+  ``nn.Bilinear``, Hugging Face's ``Conv1D`` and the projections of
+  ``nn.MultiheadAttention`` -- *whatever its shape*: a value head
+  ``Linear(512, 1)`` or a 1x1 convolution of a one-channel image is a layer
+  like any other, and the shape says nothing about whether pruning it makes
+  sense;
+- any other parameter (raw ``nn.Parameter`` matrices) with at least two
+  dimensions of size > 1, because there the shape is all we know: broadcast
+  parameters such as ``(C, 1, 1)`` layer scales or ``(1, 1, D)`` class tokens
+  are not weights to prune;
+- never biases or parameters of normalization layers.
+
+Glob and ``re:`` patterns choose among the prunable weights; an exact name
+selects that parameter whatever its shape, because the user asked for it by
+name.
 """
 from __future__ import annotations
 
@@ -19,6 +29,7 @@ import difflib
 import fnmatch
 import re
 from dataclasses import dataclass
+from typing import Sequence
 
 from torch import nn
 
@@ -69,20 +80,49 @@ def _owner(model: nn.Module, name: str) -> nn.Module:
     return model.get_submodule(prefix) if prefix else model
 
 
-def is_default_prunable(model: nn.Module, name: str) -> bool:
-    """The default-selection rule documented in the module docstring."""
-    p = model.get_parameter(name)
-    if sum(1 for d in p.shape if d > 1) < 2:
+#: Layers whose ``weight`` multiplies the input (a matrix or a kernel): prunable whatever its shape.
+_WEIGHT_LAYERS: tuple[type, ...] = (
+    nn.Linear,
+    nn.modules.conv._ConvNd,  # Conv1d/2d/3d and ConvTranspose1d/2d/3d (and the lazy ones, once materialized)
+    nn.Embedding,
+    nn.EmbeddingBag,
+    nn.Bilinear,
+)
+#: nn.MultiheadAttention's own projection matrices (``out_proj`` is an nn.Linear of its own).
+_ATTENTION_WEIGHTS = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")
+
+
+def _is_layer_weight(owner: nn.Module, attr: str) -> bool:
+    if isinstance(owner, nn.MultiheadAttention):
+        return attr in _ATTENTION_WEIGHTS
+    if attr != "weight":
         return False
+    if isinstance(owner, _WEIGHT_LAYERS):
+        return True
+    # Hugging Face's GPT-2 style Conv1D (a Linear with a transposed weight), matched without importing transformers.
+    return type(owner).__name__ == "Conv1D" and type(owner).__module__.startswith("transformers.")
+
+
+def is_default_prunable(model: nn.Module, name: str, aliases: Sequence[str] = ()) -> bool:
+    """The default-selection rule documented in the module docstring.
+
+    ``aliases``: the parameter's other names (tied weights); it is a layer's
+    weight if any of its names is.
+    """
+    p = model.get_parameter(name)
     owner = _owner(model, name)
-    return not (isinstance(owner, _NORM_TYPES) or "norm" in type(owner).__name__.lower())
+    if p.dim() < 2 or isinstance(owner, _NORM_TYPES) or "norm" in type(owner).__name__.lower():
+        return False
+    if any(_is_layer_weight(_owner(model, n), n.rpartition(".")[2]) for n in (name, *aliases)):
+        return True
+    return sum(1 for d in p.shape if d > 1) >= 2
 
 
 def make_plan(model: nn.Module, config: PruningConfig) -> PruningPlan:
     """Assign each selected parameter to exactly one pruner, or raise :class:`ConfigError`."""
     aliases = parameter_aliases(model)
     canonical = {alias: name for name, names in aliases.items() for alias in names}
-    prunable = [n for n in aliases if is_default_prunable(model, n)]
+    prunable = [n for n in aliases if is_default_prunable(model, n, aliases[n])]
     prunable_set = set(prunable)
     source = config.source
 

@@ -299,8 +299,47 @@ class Pruner(nn.Module):
         return (epoch if self._by_epoch else None, step if self._by_step else None, self.steps_per_epoch,
                 id(goals), goals._version)
 
+    def pending_goals(self) -> dict[str, float]:
+        """The goal each pruner has *now*: what :meth:`prune_now` prunes to.
+
+        Its schedule's goal at the current epoch (the first epoch, 0, while no
+        epoch has been set) or the current step; for ``schedule: oneshot`` the
+        target, whenever its window starts.
+        """
+        epoch = max(int(self.epoch), 0)
+        goals = self.goal_at(epoch, step=int(self.step))
+        for p in self.pruner_configs:
+            if p.schedule == "oneshot":
+                goals[p.name] = float(p.target_sparsity)
+        return goals
+
+    def prune_now(self) -> dict[str, float]:
+        """Prune every pruner up to its current goal now, without a training loop; returns the goals in force.
+
+        One-shot pruning is this one call after :func:`fxprune.prepare` (a
+        ``schedule: oneshot`` pruner goes straight to its target), followed by
+        :func:`fxprune.convert`. In a schedule it is the same as the hooks'
+        update at the current epoch/step, so calling it mid-training changes
+        nothing they would not. Masks only grow, the optimizer state of newly
+        pruned entries is zeroed, and the epoch/step clock is left as it is.
+        """
+        with torch.no_grad():
+            self._prune_to(self.pending_goals())
+        return self.current_goals()
+
+    def unapplied_goals(self) -> dict[str, tuple[float, float]]:
+        """``name -> (goal now, goal pruned to)`` for every pruner whose masks lag behind its current goal."""
+        pending = self.pending_goals()
+        return {
+            p.name: (pending[p.name], float(done))
+            for p, done in zip(self.pruner_configs, self.goals)
+            if pending[p.name] > float(done) + 1e-12
+        }
+
     def _update_masks(self, epoch: int, step: int) -> bool:
-        goals = self.goal_at(epoch, step=step)  # epoch -1: before every window
+        return self._prune_to(self.goal_at(epoch, step=step))  # epoch -1: before every window
+
+    def _prune_to(self, goals: Mapping[str, float]) -> bool:
         changed: list[MaskedParameter] = []
         for i, p in enumerate(self.pruner_configs):
             goal = goals[p.name]
