@@ -9,6 +9,7 @@ construction path: first build, deepcopy, and unpickling.
 """
 from __future__ import annotations
 
+import inspect
 import warnings
 from typing import Any
 
@@ -55,6 +56,32 @@ class PreparedGraphModule(fx.GraphModule):
         super().__init__(root, graph, class_name)
         if isinstance(root, nn.Module):
             adopt_hierarchy(self, root)
+        self._present_original_signature()
+
+    def recompile(self):  # type: ignore[override]
+        python_code = super().recompile()
+        self._present_original_signature()
+        return python_code
+
+    def _present_original_signature(self) -> None:
+        """Make ``inspect.signature(self.forward)`` the original model's.
+
+        The generated ``forward`` is ``(*args, **kwargs)`` when the root runs as
+        Python, and a traced one names only its placeholders; but Trainer's
+        ``remove_unused_columns``, Lightning and accelerate read the model's
+        signature to decide which inputs to pass. The class is this instance's
+        own (``GraphModule`` makes one per instance), so each recompile sets it
+        again on the new function.
+        """
+        original = self.__dict__.get("_fxprune_original")
+        forward = type(self).__dict__.get("forward")
+        if original is None or forward is None:
+            return
+        try:
+            signature = inspect.signature(original.module.forward)
+        except (TypeError, ValueError):  # a forward without a readable signature: keep the generated one
+            return
+        forward.__signature__ = _unbound(signature)
 
     def train(self, mode: bool = True) -> "PreparedGraphModule":
         # The original root is not a child (its children are ours), but a graph that calls its
@@ -80,6 +107,14 @@ class PreparedGraphModule(fx.GraphModule):
             # The generated code of the varargs call graph cannot be re-traced; rebuild it directly.
             return (_rebuild_call_graph, (body,))
         return (_rebuild, (body, import_block))
+
+
+def _unbound(signature: inspect.Signature) -> inspect.Signature:
+    """The bound method's signature with a leading positional-only ``self``, for the class's function."""
+    names = set(signature.parameters)
+    name = next(n for n in ("self", "_self", "__self") if n not in names)
+    first = inspect.Parameter(name, inspect.Parameter.POSITIONAL_ONLY)
+    return signature.replace(parameters=[first, *signature.parameters.values()])
 
 
 def _rebuild(body: dict[str, Any], import_block: str) -> PreparedGraphModule:

@@ -153,6 +153,7 @@ def _build(
         gm = PreparedGraphModule({"_fxprune_original": OriginalRoot(work)}, call_original_graph(), class_name=class_name)
         adopt_hierarchy(gm, work)
     gm.__dict__["_fxprune_original"] = OriginalRoot(work)
+    gm._present_original_signature()
     targets = install_masks(gm, work, plan, captured)
     return gm, work, targets, captured
 
