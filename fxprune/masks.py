@@ -32,6 +32,7 @@ from fxprune.masked import MaskedParameter
 __all__ = [
     "count_to_prune",
     "local_unstructured_mask",
+    "kth_smallest",
     "global_unstructured_masks",
     "layer_bounds",
     "parse_nm",
@@ -54,18 +55,58 @@ def local_unstructured_mask(scores: torch.Tensor, mask: torch.Tensor, sparsity: 
     """
     k = count_to_prune(sparsity, mask.numel())
     keep = mask.reshape(-1)
-    already = int((~keep).sum())
+    already = keep.numel() - int(torch.count_nonzero(keep))
     if k <= already:
         return mask.clone()
-    s = torch.nan_to_num(scores.detach().reshape(-1), nan=math.inf).clone()
-    s[~keep] = -math.inf
-    kth = torch.kthvalue(s, k).values
+    s = torch.nan_to_num(scores.detach().reshape(-1), nan=math.inf)  # a new tensor: ours to overwrite
+    if already:
+        s.masked_fill_(torch.logical_not(keep), -math.inf)
+    kth = kth_smallest(s, k)
     prune = s < kth
-    need = k - int(prune.sum())
+    need = k - int(torch.count_nonzero(prune))
     if need > 0:
         ties = torch.nonzero(s == kth).reshape(-1)[:need]
         prune[ties] = True
-    return (~prune).reshape(mask.shape)
+    return prune.logical_not_().reshape(mask.shape)
+
+
+#: Below this many entries ``torch.kthvalue`` on the whole tensor is as fast as anything.
+_KTH_DIRECT = 1 << 20
+_KTH_SAMPLE = 1 << 16
+
+
+def kth_smallest(s: torch.Tensor, k: int) -> torch.Tensor:
+    """The ``k``-th smallest entry (1-based) of the flat tensor ``s`` (no NaN), exactly.
+
+    ``torch.kthvalue`` copies the whole tensor and selects in it, which at
+    LLM scale (tens of millions of entries per weight) is most of a mask
+    update. Instead a fixed-seed random sample of 65536 entries brackets the
+    answer between two sample quantiles, one pass counts the entries below
+    the bracket, and only the entries inside it (a few percent) are selected
+    from. The result is checked (the k-th entry must fall inside the
+    bracket) and computed on the whole tensor otherwise, so it is always
+    exact, whatever the sample.
+    """
+    n = s.numel()
+    if n <= _KTH_DIRECT:
+        return torch.kthvalue(s, k).values
+    m = _KTH_SAMPLE
+    generator = torch.Generator(device=s.device).manual_seed(n)
+    sample = s[torch.randint(n, (m,), generator=generator, device=s.device)].sort().values
+    q = k / n
+    margin = 6.0 * math.sqrt(max(q * (1.0 - q), 1.0 / m) / m) + 2.0 / m
+    lo_i, hi_i = math.floor((q - margin) * m), math.ceil((q + margin) * m)
+    lo = sample[lo_i] if lo_i >= 0 else None
+    hi = sample[hi_i] if hi_i < m else None
+    below = 0 if lo is None else int(torch.count_nonzero(s < lo))
+    if below < k:
+        inside = torch.ones_like(s, dtype=torch.bool) if lo is None else s >= lo
+        if hi is not None:
+            inside &= s <= hi
+        candidates = s[inside]
+        if below + candidates.numel() >= k:
+            return torch.kthvalue(candidates, k - below).values
+    return torch.kthvalue(s, k).values  # the sample's bracket missed: select in the whole tensor
 
 
 # --------------------------------------------------------------------------- global scope

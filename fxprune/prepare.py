@@ -1,10 +1,18 @@
 """prepare(): load config -> plan -> trace -> rewrite -> attach the Pruner.
 
-The input model is never modified: ``prepare`` works on a deep copy, and
-every check that can fail on the config or the weight names runs before the
-copy is made. The prepared model is a :class:`~fxprune.graph_module.PreparedGraphModule`
-that owns the copy's parameters (so build the optimizer from
-``prepared.parameters()``).
+By default the input model is never modified: ``prepare`` works on a deep
+copy, and every check that can fail on the config or the weight names runs
+before the copy is made. The prepared model is a
+:class:`~fxprune.graph_module.PreparedGraphModule` that owns the copy's
+parameters (so build the optimizer from ``prepared.parameters()``).
+
+``inplace=True`` skips the copy, for models whose second copy would not fit:
+the input model object itself is rewritten (its weights move into
+:class:`~fxprune.masked.MaskedParameter` modules, the very same
+``nn.Parameter`` objects) and becomes the prepared model's original root;
+``convert(prepared, inplace=True)`` hands that same object back. The checks
+still run before anything is touched, and a ``prepare`` that fails after
+the rewrite started puts the model back as it was.
 """
 from __future__ import annotations
 
@@ -19,11 +27,17 @@ from torch.optim import Optimizer
 
 from fxprune.config import PruningConfig, load_config
 from fxprune.errors import TraceError
-from fxprune.graph_module import OriginalRoot, PreparedGraphModule, adopt_hierarchy, call_original_graph
+from fxprune.graph_module import (
+    OriginalRoot,
+    PreparedGraphModule,
+    adopt_hierarchy,
+    call_original_graph,
+    remove_captured_forwards,
+)
 from fxprune.plan import make_plan
 from fxprune.pruner import Pruner, prepared_parameter_map
 from fxprune.report import PrepareReport
-from fxprune.rewrite import install_masks
+from fxprune.rewrite import install_masks, remove_leaf_hooks, restore_parameters
 from fxprune.trace import CaptureResult, capture_model, output_tensors, record_calls
 
 __all__ = ["prepare", "TraceFallbackWarning"]
@@ -44,6 +58,7 @@ def prepare(
     optimizer: Optimizer | None = None,
     steps_per_epoch: int | None = None,
     example_inputs: Any = None,
+    inplace: bool = False,
 ) -> PreparedGraphModule:
     """Return a pruning-ready copy of ``model``: masked parameters plus ``prepared.pruner``.
 
@@ -65,6 +80,13 @@ def prepare(
     it is re-pointed to the prepared copy's parameters (state included) and
     attached with ``prepared.pruner.attach(optimizer, steps_per_epoch=...)``,
     so a plain loop prunes with no hook call; see :meth:`fxprune.Pruner.attach`.
+
+    ``inplace=True`` rewrites ``model`` itself instead of a copy (no second
+    copy of the weights): ``model`` is consumed -- use the returned prepared
+    model, whose parameters are ``model``'s own parameter objects, and get
+    ``model`` back, pruned, from ``convert(prepared, inplace=True)``. The
+    example run's check then compares with outputs of ``model`` taken before
+    the rewrite (the default compares with a copy).
     """
     if steps_per_epoch is not None and optimizer is None:
         raise TypeError("steps_per_epoch is only used with optimizer=; or call prepared.pruner.attach(opt, ...)")
@@ -80,13 +102,37 @@ def prepare(
 
     owners = {alias.rpartition(".")[0] for t in plan.targets for alias in t.aliases}
     example = None if example_inputs is None else _split_example(example_inputs)
-    gm, work, targets, captured = _build(model, plan, owners, concrete_args, leaf_modules, example)
+    reference = _reference_outputs(model, example) if inplace and example is not None else None
+    built: list[tuple[nn.Module, list]] = []  # (root, targets) of the rewrite in force, for _undo
+    try:
+        gm, report = _rewrite(model, cfg, plan, owners, concrete_args, leaf_modules, example, reference, inplace, built)
+        if optimizer is not None:
+            gm.pruner.attach(optimizer, steps_per_epoch=steps_per_epoch, replace=prepared_parameter_map(model, gm))
+    except BaseException:
+        if inplace and built:  # a failure after the rewrite started: give the user's model back as it was
+            _undo(*built[-1])
+        raise
+    gm.train(model.training)
+    if report.fallback_leaves or not report.traced:
+        warnings.warn(f"fxprune: partial trace of {type(model).__name__}\n{report}", TraceFallbackWarning, stacklevel=2)
+    if example is None and report.traced:
+        _warn_if_checkpointing_unseen(model)
+    return gm
+
+
+def _rewrite(model, cfg, plan, owners, concrete_args, leaf_modules, example, reference, inplace, built):
+    """Capture and rewrite (twice if the example run's check drops the per-submodule capture), attach the
+    Pruner and the channel plan: the prepared model and its report."""
+    gm, work, targets, captured = _build(model, plan, owners, concrete_args, leaf_modules, example, inplace)
+    built.append((work, targets))
     dropped = None
     if example is not None and len(captured.captures) > 1:
-        dropped = _verify(gm, model, example)
+        dropped = _verify(gm, model, example, reference)
         if dropped is not None:  # the per-submodule capture is wrong for this model: fall back to module level
-            gm, work, targets, captured = _build(model, plan, owners, concrete_args, leaf_modules, None)
-    class_name = type(model).__name__
+            if inplace:
+                _undo(*built.pop())
+            gm, work, targets, captured = _build(model, plan, owners, concrete_args, leaf_modules, None, inplace)
+            built.append((work, targets))
     root = captured.root
     modules = captured.routes() if len(captured.captures) > 1 or captured.uncaptured else {}
     if dropped is not None:
@@ -105,14 +151,28 @@ def prepare(
         from fxprune.structured import attach_channel_plan
 
         attach_channel_plan(gm, channel_pruners, example)
-    if optimizer is not None:
-        gm.pruner.attach(optimizer, steps_per_epoch=steps_per_epoch, replace=prepared_parameter_map(model, gm))
-    gm.train(model.training)
-    if root.leaves or root.graph is None:
-        warnings.warn(f"fxprune: partial trace of {class_name}\n{report}", TraceFallbackWarning, stacklevel=2)
-    if example is None and root.graph is not None:
-        _warn_if_checkpointing_unseen(model)
-    return gm
+    return gm, report
+
+
+def _undo(root: nn.Module, targets: list) -> None:
+    """Put an in-place rewritten model back as it was: its own parameters (no mask was applied yet), no
+    hooks, no captured forwards."""
+    restore_parameters(targets)
+    remove_leaf_hooks(root)
+    remove_captured_forwards(root)
+
+
+def _reference_outputs(model: nn.Module, example: tuple[tuple, dict]) -> list[torch.Tensor] | str:
+    """The model's outputs on the example in eval mode, before an in-place rewrite (or why it failed)."""
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            return [t.detach().clone() for t in output_tensors(model(*example[0], **example[1]))]
+    except Exception as e:  # noqa: BLE001 - reported by _verify as the reason the capture is dropped
+        return f"{type(e).__name__}: {e}".splitlines()[0][:200]
+    finally:
+        model.train(was)
 
 
 def _warn_if_checkpointing_unseen(model: nn.Module) -> None:
@@ -138,9 +198,11 @@ def _build(
     concrete_args: dict[str, Any] | None,
     leaf_modules: Iterable[str | type] | None,
     example: tuple[tuple, dict] | None,
+    inplace: bool = False,
 ) -> tuple[PreparedGraphModule, nn.Module, list, CaptureResult]:
-    """Copy, capture and rewrite: the prepared model (without its Pruner), its root copy, targets, captures."""
-    work = copy.deepcopy(model)
+    """Copy (unless ``inplace``), capture and rewrite: the prepared model (without its Pruner), its root
+    (``model`` itself or its copy), targets, captures."""
+    work = model if inplace else copy.deepcopy(model)
     calls = None if example is None else record_calls(work, *example)
     attrs_before = set(work.__dict__)
     captured = capture_model(work, owners, concrete_args=concrete_args, leaf_modules=leaf_modules, calls=calls)
@@ -169,22 +231,30 @@ def _split_example(example: Any) -> tuple[tuple, dict]:
 
 
 @torch.no_grad()
-def _verify(gm: PreparedGraphModule, original: nn.Module, example: tuple[tuple, dict]) -> str | None:
-    """Compare the prepared model (all masks still ones) with a copy of the original, in eval mode.
+def _verify(
+    gm: PreparedGraphModule, original: nn.Module, example: tuple[tuple, dict], want: list | str | None = None
+) -> str | None:
+    """Compare the prepared model (all masks still ones) with the original, in eval mode.
 
     Returns why they differ, or ``None``. A Python forward that reads a
     captured child's weight directly, or a call the capture mis-specialized,
-    shows up here instead of in the user's training run.
+    shows up here instead of in the user's training run. ``want``: the
+    original's outputs taken before an in-place rewrite; otherwise a copy of
+    the original is run (never the user's own object: its mode and buffers
+    stay as they are).
     """
-    reference = copy.deepcopy(original)  # never run the user's own object: its mode and buffers stay as they are
+    if isinstance(want, str):
+        return want
     was = gm.training
     gm.eval()
-    reference.eval()
     try:
         with torch.random.fork_rng(devices=[]):
             got = output_tensors(gm(*example[0], **example[1]))
-        with torch.random.fork_rng(devices=[]):
-            want = output_tensors(reference(*example[0], **example[1]))
+        if want is None:
+            reference = copy.deepcopy(original)
+            reference.eval()
+            with torch.random.fork_rng(devices=[]):
+                want = output_tensors(reference(*example[0], **example[1]))
     except Exception as e:  # noqa: BLE001 - any failure means the capture is unusable
         return f"{type(e).__name__}: {e}".splitlines()[0][:200]
     finally:

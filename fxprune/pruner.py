@@ -389,6 +389,24 @@ class Pruner(nn.Module):
                 t.masked.forget_clean()
             t.masked.apply_mask()
 
+    @property
+    def float_mask_copies(self) -> bool:
+        """Whether masks may keep a float copy for the per-step path on CPU (default True).
+
+        The copy makes gradient masking and re-zeroing ~1.7x faster than the
+        mask's bytes on CPU, at the memory of one more copy of the pruned
+        weights; False trades that speed for the memory. Accelerators never
+        use it. See :mod:`fxprune.masked`.
+        """
+        return all(t.masked.float_copy for t in self.targets)
+
+    @float_mask_copies.setter
+    def float_mask_copies(self, enabled: bool) -> None:
+        for t in self.targets:
+            t.masked.float_copy = bool(enabled)
+            if not enabled:
+                t.masked._keep = t.masked._keep_key = None
+
     # -------------------------------------------------------- module plumbing
     def _apply(self, fn, recurse=True):  # type: ignore[override]
         # ``model.to(torch.bfloat16)`` / ``.half()`` convert floating buffers; the goals are

@@ -242,10 +242,14 @@ def original_parameter_order(targets: list[InstalledTarget]) -> dict[int, tuple[
 
 
 def restore_parameters(targets: list[InstalledTarget]) -> None:
-    """Fold masks into plain parameters at every owner (the inverse of :func:`install_masks`)."""
+    """Fold masks into plain parameters at every owner (the inverse of :func:`install_masks`).
+
+    In place: each owner gets the masked module's own parameter object back,
+    its pruned entries zeroed, so no weight is copied.
+    """
     original_order = original_parameter_order(targets)
     for it in targets:
-        folded = nn.Parameter(it.masked.folded(), requires_grad=it.masked.param.requires_grad)
+        folded = it.masked.fold_into_parameter()
         for owner, attr in it.owners:
             owner.__dict__.pop(attr, None)
             owner._modules.pop(attr, None)

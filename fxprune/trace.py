@@ -415,7 +415,11 @@ def _trace_one(
                 setattr(cls, _SPECIALIZED, _specialized_forward(cls, spec, seen_output))
                 tracer.traced_func_name = _SPECIALIZED
             try:
-                return tracer, tracer.trace(module, concrete_args=concrete_args if spec is None else None), None
+                graph = tracer.trace(module, concrete_args=concrete_args if spec is None else None)
+                # fx cannot write every signature back as Python (a keyword-only argument without a
+                # default after one with a default): a graph whose code does not compile is a trace failure.
+                compile(graph.python_code(root_module="self").src, "<fxprune graph>", "exec")
+                return tracer, graph, None
             finally:
                 if spec is not None:
                     delattr(cls, _SPECIALIZED)
