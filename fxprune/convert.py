@@ -8,6 +8,8 @@ holding ``param * mask``: no fxprune module, buffer or hook is left, its
 from __future__ import annotations
 
 import copy
+import warnings
+from typing import Any
 
 from torch import nn
 
@@ -21,7 +23,12 @@ __all__ = ["convert"]
 
 
 def convert(
-    prepared: PreparedGraphModule, *, inplace: bool = False, physical: bool = False, semi_structured: bool = False
+    prepared: PreparedGraphModule,
+    *,
+    inplace: bool = False,
+    physical: bool = False,
+    semi_structured: bool = False,
+    example_inputs: Any = None,
 ) -> nn.Module:
     """Return the pruned model as an instance of the original class.
 
@@ -31,7 +38,12 @@ def convert(
     ``physical=True`` also cuts the channels removed by ``pattern: channel``
     pruners out of the layers (see :mod:`fxprune.structured.shrink`): the
     result is smaller and faster, gives the masked model's outputs, and no
-    longer has the original shapes.
+    longer has the original shapes. Before it is returned it runs on an
+    example input and must give the masked model's outputs, else a
+    :class:`PruningError` names the channel groups at fault (see
+    :mod:`fxprune.structured.verify`): ``example_inputs`` (as ``prepare`` takes
+    them), or by default the ``example_inputs`` given to ``prepare``; with
+    neither, the check is skipped with a warning.
     ``semi_structured=True`` (CUDA only) stores the Linear weights of 2:4
     pruners as ``torch.sparse.to_sparse_semi_structured`` tensors for sparse
     tensor cores (see :mod:`fxprune.semi_structured`); without CUDA it raises.
@@ -51,6 +63,11 @@ def convert(
         sparse_names = semi_structured_candidates(prepared.pruner.targets, prepared.pruner.pruner_configs)
         if not sparse_names:
             raise PruningError("convert(semi_structured=True): no weight is pruned with pattern '2:4' (or N:4, N <= 2)")
+    if physical:  # the masked model's outputs, before anything changes (inplace=True consumes it)
+        from fxprune.structured.verify import eval_outputs, split_example
+
+        example = channel_plan.example if example_inputs is None else split_example(example_inputs)
+        reference = None if example is None else eval_outputs(prepared, example)
     model = prepared if inplace else copy.deepcopy(prepared)
     root = model._fxprune_original.module
     if physical:
@@ -75,8 +92,37 @@ def convert(
     if physical:
         from fxprune.structured.shrink import shrink
 
-        shrink(root, model.__dict__["_fxprune_channels"], removed)
+        plan = model.__dict__["_fxprune_channels"]
+        shrink(root, plan, removed)
+        _check_shrunk(prepared, root, plan, removed, example, reference, inplace)
     return root
+
+
+def _check_shrunk(prepared, root, plan, removed, example, reference, inplace: bool) -> None:
+    """Run the shrunk model on the example and compare with the masked one (fxprune.structured.verify)."""
+    if not removed:
+        return
+    if example is None:
+        warnings.warn(
+            "convert(physical=True): the shrunk model was not checked against the masked model, because there "
+            "is no example input: pass prepare(..., example_inputs=...) or convert(..., example_inputs=...)",
+            UserWarning,
+            stacklevel=3,
+        )
+        return
+    from fxprune.structured.shrink import shrink
+    from fxprune.structured.verify import check_shrunk
+
+    def shrink_one(gid: int) -> nn.Module:
+        alone = convert(prepared)
+        shrink(alone, plan, {gid: removed[gid]})
+        return alone
+
+    def describe(gid: int) -> str:
+        layers = plan.channels.groups[gid].layers()
+        return ", ".join(layers[:4]) + (f", ... (+{len(layers) - 4})" if len(layers) > 4 else "")
+
+    check_shrunk(root, example, reference, removed, describe, None if inplace else shrink_one)
 
 
 def _verify_clean(model: nn.Module) -> None:

@@ -87,6 +87,8 @@ class ChannelPlan:
     eligible: dict[int, str]  # group index -> pruner that prunes it
     reports: dict[str, ChannelReport]
     channel_pruners: tuple[str, ...]
+    # prepare's example_inputs as (args, kwargs): convert(physical=True) checks the shrunk model on them
+    example: tuple[tuple, dict] | None = None
 
     def groups_of(self, pruner: str) -> list[ChannelGroup]:
         return [g for g in self.channels.groups if self.eligible.get(g.index) == pruner]
@@ -199,7 +201,7 @@ def attach_channel_plan(
             else:
                 reports[p].dense_reasons[name] = _why_not_reached(prepared, name, cg.weight_notes, untraced, attention)
 
-    plan = ChannelPlan(cg, masked_by_name, owner, eligible, reports, tuple(channel_pruners))
+    plan = ChannelPlan(cg, masked_by_name, owner, eligible, reports, tuple(channel_pruners), example)
     prepared.__dict__[_ATTR] = plan
     for name, p in owner.items():
         if p in channel_pruners:

@@ -565,6 +565,9 @@ class _Analysis:
         for proj in (spec.q, spec.k, spec.v) + ((spec.out,) if spec.out is not None else ()):
             self.weight(f"{name}.{proj}.weight", where)  # all present before any slice is recorded
         in_atoms, chan = self.input_atoms(x, -1, spec.hidden, where)
+        if not spec.input_only_qkv:  # e.g. a residual (LayerNorm(x + ...)) inside the module
+            self.block(in_atoms, f"{where} also reads its input outside its query/key/value projections "
+                                 "(a residual or norm inside the module), which the analysis does not follow")
         heads = self.new_atoms(spec.channels)  # heads, or key/value groups of grouped-query attention
         for proj, block in ((spec.q, spec.group * spec.head_dim), (spec.k, spec.head_dim), (spec.v, spec.head_dim)):
             w = f"{name}.{proj}.weight"
@@ -580,6 +583,9 @@ class _Analysis:
             w = f"{name}.{spec.out}.weight"
             self.add_slice(w, 1, IN_BLOCK, heads, is_weight=True, block=spec.group * spec.head_dim)
             out_atoms = self.new_atoms(self.tensor_of(w).shape[0])
+            if not spec.output_is_projection:  # ALBERT: returns LayerNorm(input + dense(context))
+                self.block(out_atoms, f"{where} returns more than its output projection {spec.out} "
+                                      "(e.g. LayerNorm(input + projection) inside the module)")
             self.add_slice(w, 0, OUT, out_atoms, is_weight=True)
             if self.tensor_of(f"{name}.{spec.out}.bias") is not None:
                 self.add_slice(f"{name}.{spec.out}.bias", 0, OUT, out_atoms)
