@@ -17,6 +17,7 @@ from fxprune.errors import PruningError
 from fxprune.graph_module import PreparedGraphModule, remove_captured_forwards
 from fxprune.masked import MaskedParameter
 from fxprune.pruner import Pruner
+from fxprune.report import PRUNED_RECORD
 from fxprune.rewrite import LeafMasks, remove_leaf_hooks, restore_parameters
 
 __all__ = ["convert"]
@@ -85,6 +86,8 @@ def convert(
             root._parameters[name] = model._parameters[name]
     root.train(model.training)
     _verify_clean(root)
+    # Which weights were pruned, for sparsity_report: a plain tuple of names, not a module, buffer or hook.
+    root.__dict__[PRUNED_RECORD] = tuple(t.name for t in model.pruner.targets)
     if semi_structured:
         from fxprune.semi_structured import to_semi_structured
 

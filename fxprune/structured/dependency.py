@@ -267,6 +267,17 @@ class _Opaque:
 _OPAQUE = _Opaque()
 
 
+class _GraphInput(_Opaque):
+    """An input of an analysed graph: the model's own input (``module`` ``""``) or a captured submodule's."""
+
+    def __init__(self, module: str):
+        self.module = module
+
+    def origin(self) -> str:
+        return "model input" if not self.module else (
+            f"input of module {self.module}, made by code the analysis cannot see")
+
+
 @dataclass
 class _Tuple:
     """A module output that is a tuple (``(context, attention weights)`` of an attention module)."""
@@ -395,9 +406,12 @@ class _Analysis:
         target = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
         where = f"node {node.name!r} ({node.op} {target})"
         if node.op == "placeholder":
-            return _OPAQUE
+            return _GraphInput(prefix.rstrip("."))
         if node.op == "output":
-            self.block_inputs(node, env, "reaches the output of the traced graph (its size is part of the interface)")
+            self.block_inputs(node, env, "model output: reaches the output of the traced graph (its size is part of "
+                                         "the interface)" if not prefix else
+                              f"output of module {prefix.rstrip('.')}: reaches the output of its traced graph, "
+                              "read by code the analysis cannot see")
             return None
         if node.op == "get_attr":
             return _Param(prefix + node.target)
@@ -602,7 +616,11 @@ class _Analysis:
         if isinstance(x, _Chan):
             self.block(x.atoms, f"read by {where} in a layout the analysis cannot map")
         atoms = self.new_atoms(size)
-        self.block(atoms, f"input channels of {where} come from outside the analysed graph or an op it does not follow")
+        if isinstance(x, _GraphInput):
+            self.block(atoms, f"{x.origin()}: read by {where}")
+        else:
+            self.block(atoms, f"input channels of {where} come from outside the analysed graph or an op it does not "
+                              "follow")
         return atoms, None
 
     def weight(self, name: str, where: str) -> torch.Tensor:
