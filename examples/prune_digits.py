@@ -176,9 +176,8 @@ def main(argv: list[str] | None = None) -> int:
 
     # 2. Prepare and fine-tune with pruning. `dense` itself is not modified by prepare.
     prepared = fxprune.prepare(dense, config)
-    print(f"config {args.config}; schedule:")
-    for row in prepared.pruner.schedule_table(args.epochs_prune):
-        print("  " + ", ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+    print(f"config {args.config}; goal per epoch:")
+    print(prepared.pruner.schedule_table(args.epochs_prune))
     train_pruned(prepared, loader, test_set, args.epochs_prune)
     pruned_logits = predict(prepared, test_set)
     pruned_acc = accuracy(pruned_logits, test_set)
