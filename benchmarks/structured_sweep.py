@@ -235,7 +235,8 @@ def n_params(model: nn.Module) -> int:
 
 _REASON_RULES: tuple[tuple[str, str], ...] = (
     # (regex on the full reason, short label with its groups); the first match wins, the rest fall to _normalize
-    (r"come from outside the analysed graph", "input from outside / unfollowed op"),
+    (r"^model input", "model input"),
+    (r"come from outside the analysed graph|^input of module", "input from outside / unfollowed op"),
     (r"reaches the output of the traced graph", "model output"),
     (r"nn\.MultiheadAttention", "nn.MultiheadAttention"),
     (r"normalizes over these channels", "LayerNorm over channels"),

@@ -40,6 +40,8 @@ __all__ = [
     "SCOPE_NAMES",
     "PATTERN_NAMES",
     "nm_ratio",
+    "DEFAULT_GLOBAL_MAX_SPARSITY",
+    "default_max_sparsity",
 ]
 
 #: Policies a pruner may be declared under (``pruning.<policy>.<pruner>``).
@@ -68,8 +70,23 @@ SETTING_DEFAULTS: dict[str, Any] = {
     "scope": "local",  # 'local': every tensor at the goal; 'global': one threshold over the pruner's tensors
     "pattern": "unstructured",  # 'unstructured', 'channel' (whole output channels) or 'N:M' such as '2:4'
     "min_sparsity": None,  # scope global: no tensor pruned less than this (or the goal, if lower)
-    "max_sparsity": None,  # scope global: no tensor pruned more than this
+    "max_sparsity": None,  # scope global: no tensor pruned more than this (unset: default_max_sparsity; 1.0: no cap)
 }
+
+#: The per-tensor cap a global pruner uses when ``max_sparsity`` is unset: one threshold over
+#: layers of very different sizes can otherwise empty a whole layer (a classifier left with 25 of
+#: 2M weights). Intel Neural Compressor caps layers at 0.98 by default for the same reason.
+DEFAULT_GLOBAL_MAX_SPARSITY = 0.98
+
+
+def default_max_sparsity(target_sparsity: float) -> float:
+    """The cap of an unset ``max_sparsity`` under ``scope: global``, for a pruner's target.
+
+    0.98, or, for targets above 0.8, the sparsity that keeps a tenth of the
+    target's share of weights (target 0.99 -> 0.999), so the cap never makes
+    the target unreachable.
+    """
+    return max(DEFAULT_GLOBAL_MAX_SPARSITY, 1.0 - (1.0 - target_sparsity) / 10.0)
 
 #: The two kinds of schedule window. One section (the global keys, or one pruner) uses one kind;
 #: a pruner that sets window keys of its own uses its own kind, otherwise it inherits the global kind.
@@ -125,6 +142,17 @@ class PrunerConfig:
         """``(start, end, frequency)`` in the schedule's unit (steps or epochs)."""
         keys = WINDOW_KEYS["step" if self.by_step else "epoch"]
         return tuple(getattr(self, k) for k in keys)  # type: ignore[return-value]
+
+    @property
+    def tensor_cap(self) -> float | None:
+        """The most any one tensor may be pruned: ``max_sparsity`` or, for a global pruner, its default.
+
+        ``None`` for local pruners (every tensor is pruned to the goal itself);
+        an explicit ``max_sparsity: 1.0`` means no cap.
+        """
+        if self.scope != "global":
+            return None
+        return default_max_sparsity(self.target_sparsity) if self.max_sparsity is None else self.max_sparsity
 
     @property
     def key_path(self) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import warnings
+from typing import Any
 
 from torch import nn
 
@@ -16,6 +17,7 @@ from fxprune.errors import PruningError
 from fxprune.graph_module import PreparedGraphModule, remove_captured_forwards
 from fxprune.masked import MaskedParameter
 from fxprune.pruner import Pruner
+from fxprune.report import PRUNED_RECORD
 from fxprune.rewrite import LeafMasks, remove_leaf_hooks, restore_parameters
 
 __all__ = ["convert", "UnappliedGoalWarning"]
@@ -31,7 +33,12 @@ class UnappliedGoalWarning(UserWarning):
 
 
 def convert(
-    prepared: PreparedGraphModule, *, inplace: bool = False, physical: bool = False, semi_structured: bool = False
+    prepared: PreparedGraphModule,
+    *,
+    inplace: bool = False,
+    physical: bool = False,
+    semi_structured: bool = False,
+    example_inputs: Any = None,
 ) -> nn.Module:
     """Return the pruned model as an instance of the original class.
 
@@ -41,7 +48,12 @@ def convert(
     ``physical=True`` also cuts the channels removed by ``pattern: channel``
     pruners out of the layers (see :mod:`fxprune.structured.shrink`): the
     result is smaller and faster, gives the masked model's outputs, and no
-    longer has the original shapes.
+    longer has the original shapes. Before it is returned it runs on an
+    example input and must give the masked model's outputs, else a
+    :class:`PruningError` names the channel groups at fault (see
+    :mod:`fxprune.structured.verify`): ``example_inputs`` (as ``prepare`` takes
+    them), or by default the ``example_inputs`` given to ``prepare``; with
+    neither, the check is skipped with a warning.
     ``semi_structured=True`` (CUDA only) stores the Linear weights of 2:4
     pruners as ``torch.sparse.to_sparse_semi_structured`` tensors for sparse
     tensor cores (see :mod:`fxprune.semi_structured`); without CUDA it raises.
@@ -62,6 +74,11 @@ def convert(
         if not sparse_names:
             raise PruningError("convert(semi_structured=True): no weight is pruned with pattern '2:4' (or N:4, N <= 2)")
     _warn_unapplied(prepared.pruner)
+    if physical:  # the masked model's outputs, before anything changes (inplace=True consumes it)
+        from fxprune.structured.verify import eval_outputs, split_example
+
+        example = channel_plan.example if example_inputs is None else split_example(example_inputs)
+        reference = None if example is None else eval_outputs(prepared, example)
     model = prepared if inplace else copy.deepcopy(prepared)
     root = model._fxprune_original.module
     if physical:
@@ -79,6 +96,8 @@ def convert(
             root._parameters[name] = model._parameters[name]
     root.train(model.training)
     _verify_clean(root)
+    # Which weights were pruned, for sparsity_report: a plain tuple of names, not a module, buffer or hook.
+    root.__dict__[PRUNED_RECORD] = tuple(t.name for t in model.pruner.targets)
     if semi_structured:
         from fxprune.semi_structured import to_semi_structured
 
@@ -86,7 +105,9 @@ def convert(
     if physical:
         from fxprune.structured.shrink import shrink
 
-        shrink(root, model.__dict__["_fxprune_channels"], removed)
+        plan = model.__dict__["_fxprune_channels"]
+        shrink(root, plan, removed)
+        _check_shrunk(prepared, root, plan, removed, example, reference, inplace)
     return root
 
 
@@ -108,6 +129,33 @@ def _warn_unapplied(pruner: Pruner) -> None:
         UnappliedGoalWarning,
         stacklevel=3,
     )
+
+
+def _check_shrunk(prepared, root, plan, removed, example, reference, inplace: bool) -> None:
+    """Run the shrunk model on the example and compare with the masked one (fxprune.structured.verify)."""
+    if not removed:
+        return
+    if example is None:
+        warnings.warn(
+            "convert(physical=True): the shrunk model was not checked against the masked model, because there "
+            "is no example input: pass prepare(..., example_inputs=...) or convert(..., example_inputs=...)",
+            UserWarning,
+            stacklevel=3,
+        )
+        return
+    from fxprune.structured.shrink import shrink
+    from fxprune.structured.verify import check_shrunk
+
+    def shrink_one(gid: int) -> nn.Module:
+        alone = convert(prepared)
+        shrink(alone, plan, {gid: removed[gid]})
+        return alone
+
+    def describe(gid: int) -> str:
+        layers = plan.channels.groups[gid].layers()
+        return ", ".join(layers[:4]) + (f", ... (+{len(layers) - 4})" if len(layers) > 4 else "")
+
+    check_shrunk(root, example, reference, removed, describe, None if inplace else shrink_one)
 
 
 def _verify_clean(model: nn.Module) -> None:

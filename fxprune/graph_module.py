@@ -193,8 +193,11 @@ class CapturedForward:
             return out if self.output_type is None else self.output_type(**out)
         if not self.missed:
             warnings.warn(
-                f"fxprune: {type(self.module).__name__} was captured for calls like the example run's; this call "
-                "differs (other argument types or constants), so it runs its Python forward, masked at module level",
+                f"fxprune: {type(self.module).__name__} was captured for calls like the example run's, and this "
+                f"call differs: {self.spec.difference(args, kwargs)}. It runs its Python forward instead, still "
+                "masked (at module level; slower, same result). To avoid it, pass prepare(..., example_inputs=...) "
+                "called the way training calls the model (the same keyword arguments, e.g. attention_mask and "
+                "labels as your Trainer/collator sends them)",
                 stacklevel=2,
             )
         self.missed += 1

@@ -39,6 +39,8 @@ __all__ = [
     "nm_mask",
     "check_pattern_shapes",
     "select_masks",
+    "HighSparsityWarning",
+    "HIGH_SPARSITY",
 ]
 
 
@@ -551,13 +553,36 @@ def _restore(groups: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------- dispatch
 
 
+class HighSparsityWarning(UserWarning):
+    """A mask update left a tensor with (almost) nothing: above 0.99 sparsity, or held at a global pruner's default cap.
+
+    A layer pruned that far usually means one global threshold over layers of
+    very different sizes, not a deliberate choice; filter this category to
+    silence it once you are sure.
+    """
+
+
+#: Sparsity above which every mask update that prunes a tensor further warns.
+HIGH_SPARSITY = 0.99
+
+
 def select_masks(
     pruner: PrunerConfig, group: list[MaskedParameter], scores: list[torch.Tensor], goal: float
 ) -> list[torch.Tensor]:
     """New masks for one pruner's weights at sparsity ``goal``, per the pruner's scope and pattern.
 
     The one place where mask patterns are chosen; the Pruner calls nothing else.
+    Warns (:class:`HighSparsityWarning`) about every tensor this update takes
+    above 0.99 sparsity or up to a global pruner's default cap.
     """
+    new = _select_masks(pruner, group, scores, goal)
+    _warn_high_sparsity(pruner, group, new)
+    return new
+
+
+def _select_masks(
+    pruner: PrunerConfig, group: list[MaskedParameter], scores: list[torch.Tensor], goal: float
+) -> list[torch.Tensor]:
     pattern = getattr(pruner, "pattern", "unstructured")
     if pattern == "channel":
         # Structured channel pruning (whole output channels, coupled through the
@@ -567,7 +592,7 @@ def select_masks(
         return channel_masks(pruner, group, scores, goal)
     nm = parse_nm(pattern)
     if nm is not None:
-        names = [getattr(mp, "_fxprune_name", f"{pruner.key_path} weight {i}") for i, mp in enumerate(group)]
+        names = [_name(pruner, mp, i) for i, mp in enumerate(group)]
         return [nm_mask(s, mp.mask, *nm, goal, name) for mp, s, name in zip(group, scores, names)]
     if getattr(pruner, "scope", "local") == "global":
         return global_unstructured_masks(
@@ -575,7 +600,46 @@ def select_masks(
             [mp.mask for mp in group],
             goal,
             min_sparsity=getattr(pruner, "min_sparsity", None),
-            max_sparsity=getattr(pruner, "max_sparsity", None),
+            max_sparsity=_cap(pruner),
             where=pruner.key_path,
         )
     return [local_unstructured_mask(s, mp.mask, goal) for mp, s in zip(group, scores)]
+
+
+def _cap(pruner: PrunerConfig) -> float | None:
+    """The per-tensor cap in force (``PrunerConfig.tensor_cap``); 1.0, an explicit "no cap", is no bound."""
+    cap = getattr(pruner, "tensor_cap", getattr(pruner, "max_sparsity", None))
+    return None if cap is None or cap >= 1.0 else cap
+
+
+def _name(pruner: PrunerConfig, mp: MaskedParameter, i: int) -> str:
+    return getattr(mp, "_fxprune_name", f"{pruner.key_path} weight {i}")
+
+
+def _warn_high_sparsity(pruner: PrunerConfig, group: list[MaskedParameter], new: list[torch.Tensor]) -> None:
+    default_cap = _cap(pruner) if getattr(pruner, "max_sparsity", None) is None else None
+    high, capped = [], []
+    for i, (mp, mask) in enumerate(zip(group, new)):
+        n = mask.numel()
+        pruned, before = n - int(torch.count_nonzero(mask)), n - int(torch.count_nonzero(mp.mask))
+        if not n or pruned <= before:
+            continue
+        if pruned / n > HIGH_SPARSITY:
+            high.append(f"{_name(pruner, mp, i)} {pruned / n:.4f} ({n - pruned} of {n} weights left)")
+        elif default_cap is not None and pruned >= math.floor(default_cap * n + 1e-9):
+            capped.append(f"{_name(pruner, mp, i)} {pruned / n:.4f}")
+    if high:
+        warnings.warn(
+            f"{pruner.key_path}: pruned above {HIGH_SPARSITY} sparsity: {'; '.join(high)}. A layer this empty "
+            "rarely works; lower the target or bound the layer (scope: global takes max_sparsity)",
+            HighSparsityWarning,
+            stacklevel=3,
+        )
+    if capped:
+        warnings.warn(
+            f"{pruner.key_path}: held at the default per-tensor cap max_sparsity {default_cap:g} of scope: global "
+            f"(the global threshold would prune them further): {'; '.join(capped)}. Other tensors are pruned more "
+            "to keep the overall count; set max_sparsity (1.0 for no cap) to choose",
+            HighSparsityWarning,
+            stacklevel=3,
+        )

@@ -46,7 +46,7 @@ from fxprune.masked import MaskedParameter
 from fxprune.masks import select_masks
 from fxprune.plan import PruningPlan
 from fxprune.policies import POLICIES, Policy, PolicyNotReady
-from fxprune.report import PrepareReport
+from fxprune.report import PrepareReport, ScheduleTable
 from fxprune.rewrite import InstalledTarget
 from fxprune.schedules import sparsity_at
 from fxprune.zero_preserving import ZeroPreservingSteps
@@ -266,11 +266,14 @@ class Pruner(nn.Module):
             )
         return goals
 
-    def schedule_table(self, n: int, *, by: str = "epoch") -> list[dict[str, float]]:
-        """Goals for epochs (``by='epoch'``) or steps (``by='step'``) ``0 .. n-1``; check a schedule first."""
+    def schedule_table(self, n: int, *, by: str = "epoch") -> ScheduleTable:
+        """Goals for epochs (``by='epoch'``) or steps (``by='step'``) ``0 .. n-1``; check a schedule first.
+
+        A list of dicts (``{by: t, <pruner>: goal, ...}``) that ``print()`` shows as a table.
+        """
         if by not in ("epoch", "step"):
             raise ValueError(f"by must be 'epoch' or 'step', got {by!r}")
-        return [{by: t, **self.goal_at(**{by: t})} for t in range(n)]
+        return ScheduleTable([{by: t, **self.goal_at(**{by: t})} for t in range(n)], by)
 
     def current_goals(self) -> dict[str, float]:
         """The goal each pruner has pruned to so far."""

@@ -13,7 +13,24 @@ from torch import nn
 from fxprune.masked import MaskedParameter
 from fxprune.rewrite import original_parameter_order
 
-__all__ = ["ParameterSparsity", "SparsityReport", "sparsity_report", "PrepareReport"]
+__all__ = ["ParameterSparsity", "SparsityReport", "sparsity_report", "PrepareReport", "ScheduleTable", "format_table",
+           "PRUNED_RECORD"]
+
+
+def format_table(header: tuple[str, ...], rows: list[tuple[str, ...]], *, right: tuple[int, ...] = (),
+                 totals: list[tuple[str, ...]] = ()) -> str:
+    """Columns padded to their widest cell, a rule under the header (and above ``totals``)."""
+    widths = [max(len(r[i]) for r in [header, *rows, *totals]) for i in range(len(header))]
+
+    def fmt(row: tuple[str, ...]) -> str:
+        cells = [c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))]
+        return "  ".join(cells).rstrip()
+
+    rule = "-" * max(len(fmt(header)), *(len(fmt(r)) for r in rows)) if rows else "-" * len(fmt(header))
+    out = [fmt(header), rule, *map(fmt, rows)]
+    if totals:
+        out += [rule, *map(fmt, totals)]
+    return "\n".join(out)
 
 
 @dataclass(frozen=True)
@@ -39,9 +56,17 @@ class ParameterSparsity:
 
 @dataclass(frozen=True)
 class SparsityReport:
-    """Rows per parameter plus totals; ``str()`` gives a table."""
+    """Rows per parameter plus totals; ``str()`` gives a table.
+
+    ``rows`` always holds every parameter (tied ones once). The table lists
+    the pruned weights -- or, where that is not known (a plain model without
+    convert's record), the weights fxprune would prune by default -- unless
+    the report was made with ``all_parameters=True``.
+    """
 
     rows: tuple[ParameterSparsity, ...]
+    all_parameters: bool = False
+    listed_by_default: frozenset[str] | None = None  # names the table shows when not all_parameters
 
     @property
     def numel(self) -> int:
@@ -58,7 +83,7 @@ class SparsityReport:
 
     @property
     def pruned_sparsity(self) -> float | None:
-        """Overall sparsity over the pruned parameters only (None for a plain model)."""
+        """Overall sparsity over the pruned parameters only (None when which ones were pruned is unknown)."""
         rows = [r for r in self.rows if r.pruned]
         if not rows:
             return None
@@ -91,37 +116,64 @@ class SparsityReport:
             for r in self.rows
         }
 
+    def listed(self) -> list[ParameterSparsity]:
+        """The rows the table shows."""
+        if self.all_parameters:
+            return list(self.rows)
+        if any(r.pruned for r in self.rows):
+            return [r for r in self.rows if r.pruned]
+        names = self.listed_by_default or frozenset()
+        return [r for r in self.rows if r.name in names]
+
     def __str__(self) -> str:
         header = ("parameter", "shape", "numel", "zeros", "sparsity", "pruned")
         flag = {True: "yes", False: "no", None: "-"}
+        listed = self.listed()
         body = [
             (r.name, "x".join(map(str, r.shape)) or "scalar", str(r.numel), str(r.zeros), f"{r.sparsity:.4f}", flag[r.pruned])
-            for r in self.rows
+            for r in listed
         ]
-        totals = [("TOTAL", "", str(self.numel), str(self.zeros), f"{self.sparsity:.4f}", "")]
+        totals = []
         if self.pruned_sparsity is not None:
             pruned = [r for r in self.rows if r.pruned]
             totals.append(("TOTAL (pruned weights)", "", str(sum(r.numel for r in pruned)),
                            str(sum(r.zeros for r in pruned)), f"{self.pruned_sparsity:.4f}", ""))
-        widths = [max(len(row[i]) for row in [header, *body, *totals]) for i in range(len(header))]
+        elif not self.all_parameters and listed:
+            n, z = sum(r.numel for r in listed), sum(r.zeros for r in listed)
+            totals.append(("TOTAL (prunable weights)", "", str(n), str(z), f"{z / n:.4f}", ""))
+        totals.append((f"TOTAL (all {len(self.rows)} parameters)", "", str(self.numel), str(self.zeros),
+                       f"{self.sparsity:.4f}", ""))
+        table = format_table(header, body, right=(1, 2, 3, 4, 5), totals=totals)
+        hidden = len(self.rows) - len(listed)
+        if hidden:
+            table += (f"\n({hidden} other parameters not listed (biases, norms, ...): "
+                      "sparsity_report(model, all_parameters=True) lists every one)")
+        return table
 
-        def fmt(row: tuple[str, ...]) -> str:
-            return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
 
-        rule = "-" * len(fmt(header))
-        return "\n".join([fmt(header), rule, *map(fmt, body), rule, *map(fmt, totals)])
+#: The attribute ``convert`` leaves on a converted model: the names of the weights that were pruned.
+#: A plain tuple of strings (no module, buffer or hook), so it survives ``torch.save(model)``, pickling and
+#: ``copy.deepcopy``, and is not in ``state_dict()``: a model rebuilt from a state_dict no longer knows it.
+PRUNED_RECORD = "_fxprune_pruned_weights"
 
 
-def sparsity_report(model: nn.Module) -> SparsityReport:
+def sparsity_report(model: nn.Module, *, all_parameters: bool = False) -> SparsityReport:
     """Sparsity per parameter (by original name, tied parameters once) and overall.
 
     On a prepared model the effective weight ``param * mask`` is counted, and
-    ``pruned`` says which parameters a pruner owns; on any other model the
-    parameters are counted as they are.
+    ``pruned`` says which parameters a pruner owns; a model returned by
+    ``convert`` says the same from the record convert left on it; on any
+    other model ``pruned`` is unknown (``-``). ``print()`` shows the pruned
+    (else the prunable) weights and the totals; ``all_parameters=True``
+    lists every parameter.
     """
+    from fxprune.plan import is_default_prunable  # noqa: PLC0415 - plan imports config only; keep report light
+
     rows: list[ParameterSparsity] = []
     seen: set[int] = set()
     prepared = any(isinstance(m, MaskedParameter) for m in model.modules())
+    record = None if prepared else getattr(model, PRUNED_RECORD, None)
+    record = set(record) if isinstance(record, (tuple, list, frozenset, set)) else None
     # On a prepared model, list each module's parameters in their original order.
     original_root = getattr(getattr(model, "_fxprune_original", None), "module", None)
     targets = getattr(getattr(model, "pruner", None), "targets", [])
@@ -141,16 +193,42 @@ def sparsity_report(model: nn.Module) -> SparsityReport:
                 continue
             seen.add(id(obj))
             tensor = obj.folded() if masked else obj.detach()
+            name = f"{prefix}.{attr}" if prefix else attr
             rows.append(
                 ParameterSparsity(
-                    name=f"{prefix}.{attr}" if prefix else attr,
+                    name=name,
                     shape=tuple(tensor.shape),
                     numel=tensor.numel(),
                     zeros=int((tensor == 0).sum()),
-                    pruned=masked if prepared else None,
+                    pruned=masked if prepared else (name in record if record is not None else None),
                 )
             )
-    return SparsityReport(rows=tuple(rows))
+    default = None
+    if not prepared and record is None:
+        default = frozenset(r.name for r in rows if _safe_prunable(is_default_prunable, model, r.name))
+    return SparsityReport(rows=tuple(rows), all_parameters=all_parameters, listed_by_default=default)
+
+
+def _safe_prunable(rule, model: nn.Module, name: str) -> bool:
+    try:
+        return bool(rule(model, name))
+    except (AttributeError, TypeError):
+        return False
+
+
+class ScheduleTable(list):
+    """``pruner.schedule_table(n)``: a list of ``{unit: t, pruner: goal, ...}`` rows that prints as a table."""
+
+    def __init__(self, rows: list[dict[str, float]], unit: str = "epoch"):
+        super().__init__(rows)
+        self.unit = unit
+
+    def __str__(self) -> str:
+        if not self:
+            return f"(no {self.unit}s)"
+        names = [k for k in self[0] if k != self.unit]
+        body = [(str(r[self.unit]), *(f"{r[n]:.4f}" for n in names)) for r in self]
+        return format_table((self.unit, *names), body, right=tuple(range(len(names) + 1)))
 
 
 @dataclass

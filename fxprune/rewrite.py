@@ -118,6 +118,8 @@ def install_masks(gm: fx.GraphModule, root: nn.Module, plan: PruningPlan, captur
         InstalledTarget(name=t.name, pruner=t.pruner, masked=MaskedParameter(p), owners=[])
         for t, p in zip(plan.targets, params)
     ]
+    for it in targets:  # the name mask selection uses in its errors and warnings
+        it.masked._fxprune_name = it.name
     by_param = {id(p): it for p, it in zip(params, targets)}
     readers: list[tuple[int, fx.Node, InstalledTarget, tuple[int, str]]] = []
     for i, (base, g, _) in enumerate(graphs):

@@ -123,11 +123,50 @@ class CallSpec:
                 return None
         return tensors
 
+    def difference(self, args: tuple, kwargs: dict) -> str:
+        """What makes a call not fit this spec, in words: the argument, and its value or type vs the example's."""
+        example_args, example_kwargs = pytree.tree_unflatten([_Hole(c) for c in self.consts], self.treespec)
+        if len(args) != len(example_args):
+            return f"{len(args)} positional argument(s) where the example passed {len(example_args)}"
+        missing = [k for k in example_kwargs if k not in kwargs]
+        extra = [k for k in kwargs if k not in example_kwargs]
+        if missing or extra:
+            parts = ([f"without {', '.join(missing)}"] if missing else []) + (
+                [f"with {', '.join(extra)} (not in the example)"] if extra else [])
+            return "called " + " and ".join(parts)
+        leaves_with_path, treespec = pytree.tree_flatten_with_path((tuple(args), dict(kwargs)))
+        if treespec != self.treespec:
+            got = {_describe(p) for p, _ in leaves_with_path}
+            want = {_describe(p) for p, _ in pytree.tree_flatten_with_path((example_args, example_kwargs))[0]}
+            odd = sorted(got ^ want)
+            return f"argument(s) nested differently from the example ({', '.join(odd[:3]) or 'containers'})"
+        for (path, leaf), (is_tensor, want) in zip(leaves_with_path, self.consts):
+            where = _describe(path)
+            if is_tensor and not isinstance(leaf, torch.Tensor):
+                return f"{where} is {_show(leaf)} where the example passed a tensor"
+            if not is_tensor and isinstance(leaf, torch.Tensor):
+                return f"{where} is a tensor where the example passed {_show(want)}"
+            if not is_tensor and (type(leaf) is not type(want) or not (leaf is want or leaf == want)):
+                return f"{where} is {_show(leaf)} where the example passed {_show(want)}"
+        return "no difference found"
+
     def call_arguments(self, tensors: tuple) -> tuple[tuple, dict]:
         """Rebuild ``(args, kwargs)`` of the call from its tensors (used while tracing)."""
         it = iter(tensors)
         leaves = [next(it) if is_tensor else value for is_tensor, value in self.consts]
         return pytree.tree_unflatten(leaves, self.treespec)
+
+
+class _Hole:
+    """A leaf of the example call, rebuilt for :meth:`CallSpec.difference`."""
+
+    def __init__(self, const: tuple[bool, Any]):
+        self.const = const
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return f"{type(value).__name__} {text if len(text) <= 40 else text[:37] + '...'}"
 
 
 def _describe(path: tuple) -> str:

@@ -70,8 +70,8 @@ class Skewed(nn.Module):
         return self.big(self.small(x))
 
 
-def _prune(policy: str, scope: str, sparsity: float) -> dict[str, torch.Tensor]:
-    cfg = {"pruning": {policy: {"p": {"scope": scope, "weights": ["small.weight", "big.weight"]}},
+def _prune(policy: str, scope: str, sparsity: float, **bounds: float) -> dict[str, torch.Tensor]:
+    cfg = {"pruning": {policy: {"p": {"scope": scope, "weights": ["small.weight", "big.weight"], **bounds}},
                        "start_epoch": 0, "end_epoch": 0, "target_sparsity": sparsity, "schedule": "oneshot"}}
     prepared = fxprune.prepare(Skewed(), cfg)
     prepared.pruner.on_epoch_begin(0)
@@ -79,8 +79,8 @@ def _prune(policy: str, scope: str, sparsity: float) -> dict[str, torch.Tensor]:
 
 
 def test_global_lamp_keeps_every_layer_where_magnitude_empties_one():
-    mag = _prune("magnitude", "global", 0.95)
-    lamp = _prune("lamp", "global", 0.95)
+    mag = _prune("magnitude", "global", 0.95, max_sparsity=1.0)  # no per-tensor cap
+    lamp = _prune("lamp", "global", 0.95, max_sparsity=1.0)
     assert int(mag["big"].sum()) == 0  # one threshold over raw |w|: the big layer is gone
     kept = {n: int(m.sum()) for n, m in lamp.items()}
     assert kept["big"] > 0 and kept["small"] > 0

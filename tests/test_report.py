@@ -26,22 +26,25 @@ def test_report_counts_match_tensors_on_prepared_and_converted(spec):
         w = params[r.name]
         assert r.shape == tuple(w.shape) and r.numel == w.numel()
         assert r.zeros == int((w == 0).sum()) == plain[r.name].zeros
-        assert r.pruned == (r.name in targets) and plain[r.name].pruned is None
+        assert r.pruned == (r.name in targets) == plain[r.name].pruned  # convert's record says which
         assert abs(r.sparsity - r.zeros / r.numel) < 1e-12
     assert report.numel == sum(p.numel() for p in params.values())
     assert report.zeros == sum(int((p == 0).sum()) for p in params.values())
     pruned_numel = sum(r.numel for r in report.rows if r.pruned)
     assert abs(report.pruned_sparsity - sum(r.zeros for r in report.rows if r.pruned) / pruned_numel) < 1e-12
-    assert plain.pruned_sparsity is None
+    assert plain.pruned_sparsity == report.pruned_sparsity
     assert len(report) == len(report.rows) and list(report) == list(report.rows)
     first = report.rows[0]
     assert first.name in report and "no.such.weight" not in report
     assert report[first.name]["sparsity"] == first.sparsity and report[first.name]["zeros"] == first.zeros
     assert (report.overall.numel, report.overall.zeros, report.overall.sparsity) == (
         report.numel, report.zeros, report.sparsity)
-    table = str(report)
-    assert all(r.name in table for r in report.rows) and "TOTAL (pruned weights)" in table
-    assert f"{report.sparsity:.4f}" in table
+    table = str(report)  # the pruned weights and the totals
+    assert all((f"\n{r.name} " in table) == bool(r.pruned) for r in report.rows), table
+    assert "TOTAL (pruned weights)" in table and f"{report.sparsity:.4f}" in table
+    assert str(plain) == table
+    everything = str(fxprune.sparsity_report(prepared, all_parameters=True))
+    assert all(f"\n{r.name} " in everything for r in report.rows)
 
 
 @settings(max_examples=5, deadline=None)

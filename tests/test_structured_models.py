@@ -21,7 +21,7 @@ sweep = importlib.util.module_from_spec(_spec)
 sys.modules["structured_sweep"] = sweep  # dataclasses look their module up while the file executes
 _spec.loader.exec_module(sweep)
 
-_INTERFACE = {"input from outside / unfollowed op", "model output"}
+_INTERFACE = {"model input", "model output"}
 
 
 def test_mobilenet_v3_small_shrunk_equals_masked():

@@ -13,7 +13,14 @@
 """
 from __future__ import annotations
 
-from fxprune.structured.analysis import ChannelPlan, ChannelReport, attach_channel_plan, channel_plan_of, channel_report
+from fxprune.structured.analysis import (
+    ChannelPlan,
+    ChannelReport,
+    ChannelReports,
+    attach_channel_plan,
+    channel_plan_of,
+    channel_report,
+)
 from fxprune.structured.dependency import ChannelGraph, ChannelGroup, Slice, build_channel_graph
 from fxprune.structured.importance import channel_masks, group_importance, select_channels
 from fxprune.structured.shrink import removed_channels, shrink
@@ -21,6 +28,7 @@ from fxprune.structured.shrink import removed_channels, shrink
 __all__ = [
     "ChannelPlan",
     "ChannelReport",
+    "ChannelReports",
     "ChannelGraph",
     "ChannelGroup",
     "Slice",

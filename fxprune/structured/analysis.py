@@ -17,6 +17,7 @@ from torch import nn
 
 from fxprune.masked import MaskedParameter
 from fxprune.structured.attention import record_attention_calls, refusal
+from fxprune.structured.reasons import plain_reason
 from fxprune.structured.dependency import (
     OUT_BLOCK,
     AttentionMemo,
@@ -26,7 +27,8 @@ from fxprune.structured.dependency import (
     trace_for_channels,
 )
 
-__all__ = ["ChannelPlan", "ChannelReport", "attach_channel_plan", "channel_plan_of", "channel_report"]
+__all__ = ["ChannelPlan", "ChannelReport", "ChannelReports", "attach_channel_plan", "channel_plan_of",
+           "channel_report"]
 
 _ATTR = "_fxprune_channels"
 
@@ -35,7 +37,9 @@ _ATTR = "_fxprune_channels"
 class ChannelReport:
     """Per channel pruner: the groups it prunes, the ones it cannot, and its weights left dense.
 
-    ``str()`` is a table; ``excluded`` maps a group's layers to the reasons.
+    ``str()`` is a table (group, what its channels are, kept/total, layers,
+    why not pruned in plain words); ``to_dict()`` has the same with the
+    analysis' full reasons; ``excluded`` maps a group's layers to the reasons.
     """
 
     pruner: str
@@ -44,33 +48,79 @@ class ChannelReport:
     dense_weights: list[str] = field(default_factory=list)
     dense_reasons: dict[str, str] = field(default_factory=dict)  # dense weight -> why no group reaches it
     head_groups: set[int] = field(default_factory=set)  # groups whose channels are attention heads
+    kept: dict[int, int] = field(default_factory=dict)  # group -> channels kept by the masks (at report time)
+
+    def to_dict(self) -> dict[str, object]:
+        """Plain data for programs: every group with its full reasons, every dense weight with its reason."""
+        def unit(gid: int) -> str:
+            return "heads" if gid in self.head_groups else "channels"
+
+        return {
+            "pruner": self.pruner,
+            "prunable": [{"group": g, "unit": unit(g), "total": n, "kept": self.kept.get(g, n), "layers": layers}
+                         for g, n, layers in self.prunable],
+            "excluded": [{"group": g, "unit": unit(g), "total": n, "layers": layers, "reasons": reasons,
+                          "plain": _plain_list(reasons)} for g, n, layers, reasons in self.excluded],
+            "dense_weights": {w: self.dense_reasons.get(w) for w in self.dense_weights},
+        }
 
     def __str__(self) -> str:
-        lines = [f"channel pruning for pruner {self.pruner!r}:"]
-        lines.append(f"  {len(self.prunable)} prunable group(s)")
-        for gid, n, layers in self.prunable:
-            lines.append(f"    group {gid:3d}  {n:5d} {self._unit(gid)}  {_short(layers)}")
-        lines.append(f"  {len(self.excluded)} excluded group(s) (not pruned; reason)")
-        for gid, n, layers, reasons in self.excluded:
-            lines.append(f"    group {gid:3d}  {n:5d} {self._unit(gid)}  {_short(layers)}")
-            for r in reasons[:3]:
-                lines.append(f"        - {r}")
-            if len(reasons) > 3:
-                lines.append(f"        - ... and {len(reasons) - 3} more")
+        from fxprune.report import format_table  # noqa: PLC0415 - report imports nothing structured
+
+        groups = sorted([(g, n, layers, []) for g, n, layers in self.prunable] + list(self.excluded))
+        rows = []
+        for gid, n, layers, reasons in groups:
+            kept = self.kept.get(gid, n)
+            plain = _plain_list(reasons)
+            why = "-" if not plain else plain[0] + (f" (+{len(plain) - 1} more)" if len(plain) > 1 else "")
+            rows.append((str(gid), "heads" if gid in self.head_groups else "channels", f"{kept}/{n}",
+                         _short(_common_prefix_trimmed(layers), 3), why))
+        kept_total = sum(self.kept.get(g, n) for g, n, _ in self.prunable)
+        total = sum(n for _, n, _ in self.prunable)
+        lines = [f"channel pruner {self.pruner!r}: {len(self.prunable)} of {len(groups)} groups prunable, "
+                 f"{kept_total} of their {total} channels/heads kept"]
+        lines.append(format_table(("group", "unit", "kept/total", "layers", "why not pruned"), rows,
+                                  right=(0, 2)))
         if self.dense_weights:
-            lines.append(f"  weights of this pruner left dense (no prunable channel): {_short(self.dense_weights, 8)}")
+            lines.append(f"weights of this pruner left dense: {len(self.dense_weights)}")
             by_reason: dict[str, list[str]] = {}
             for w in self.dense_weights:
-                if w in self.dense_reasons:
-                    by_reason.setdefault(self.dense_reasons[w], []).append(w)
-            for reason, ws in list(by_reason.items())[:6]:
-                lines.append(f"    - {_short(ws, 3)}: {reason}")
-            if len(by_reason) > 6:
-                lines.append(f"    - ... and {len(by_reason) - 6} more reasons")
+                by_reason.setdefault(plain_reason(self.dense_reasons.get(w, "unknown")), []).append(w)
+            for reason, ws in by_reason.items():
+                lines.append(f"  {_short(ws, 3)}: {reason}")
         return "\n".join(lines)
 
-    def _unit(self, gid: int) -> str:
-        return "heads   " if gid in self.head_groups else "channels"
+
+class ChannelReports(dict):
+    """``channel_report``'s answer: pruner name -> :class:`ChannelReport`; prints as one table per pruner."""
+
+    def __str__(self) -> str:
+        return "\n\n".join(str(r) for r in self.values())
+
+    def to_dict(self) -> dict[str, dict[str, object]]:
+        return {name: r.to_dict() for name, r in self.items()}
+
+
+def _plain_list(reasons: list[str]) -> list[str]:
+    out: dict[str, None] = {}
+    for r in reasons:
+        out[plain_reason(r)] = None
+    return list(out)
+
+
+def _common_prefix_trimmed(layers: list[str]) -> list[str]:
+    """``a.b.query, a.b.key`` -> ``a.b.query, .key``: one long path, then what differs."""
+    if len(layers) < 2:
+        return layers
+    first = layers[0].split(".")
+    out = [layers[0]]
+    for name in layers[1:]:
+        parts = name.split(".")
+        i = 0
+        while i < min(len(parts), len(first)) - 1 and parts[i] == first[i]:
+            i += 1
+        out.append(("." if i else "") + ".".join(parts[i:]))
+    return out
 
 
 def _short(items: list[str], n: int = 4) -> str:
@@ -87,6 +137,8 @@ class ChannelPlan:
     eligible: dict[int, str]  # group index -> pruner that prunes it
     reports: dict[str, ChannelReport]
     channel_pruners: tuple[str, ...]
+    # prepare's example_inputs as (args, kwargs): convert(physical=True) checks the shrunk model on them
+    example: tuple[tuple, dict] | None = None
 
     def groups_of(self, pruner: str) -> list[ChannelGroup]:
         return [g for g in self.channels.groups if self.eligible.get(g.index) == pruner]
@@ -103,12 +155,20 @@ def channel_plan_of(prepared: nn.Module) -> ChannelPlan | None:
     return prepared.__dict__.get(_ATTR)
 
 
-def channel_report(prepared: nn.Module) -> dict[str, ChannelReport]:
-    """What channel pruning can and cannot do on this prepared model, per channel pruner."""
+def channel_report(prepared: nn.Module) -> ChannelReports:
+    """What channel pruning can and cannot do on this prepared model, per channel pruner.
+
+    A dict of :class:`ChannelReport` by pruner name; ``print()`` it for a
+    table, ``.to_dict()`` for plain data. The kept counts are read from the
+    masks now.
+    """
     plan = channel_plan_of(prepared)
     if plan is None:
         raise ValueError("this model has no channel pruner (no pruner with 'pattern: channel')")
-    return plan.reports
+    for report in plan.reports.values():
+        report.kept = {gid: plan.channels.groups[gid].size - len(plan.removed(plan.channels.groups[gid]))
+                       for gid, _, _ in report.prunable}
+    return ChannelReports(plan.reports)
 
 
 def attach_channel_plan(
@@ -199,7 +259,7 @@ def attach_channel_plan(
             else:
                 reports[p].dense_reasons[name] = _why_not_reached(prepared, name, cg.weight_notes, untraced, attention)
 
-    plan = ChannelPlan(cg, masked_by_name, owner, eligible, reports, tuple(channel_pruners))
+    plan = ChannelPlan(cg, masked_by_name, owner, eligible, reports, tuple(channel_pruners), example)
     prepared.__dict__[_ATTR] = plan
     for name, p in owner.items():
         if p in channel_pruners:

@@ -26,7 +26,9 @@ residual stream. The analysis reports it instead.
 from __future__ import annotations
 
 import copy
+import inspect
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import nn
@@ -60,6 +62,11 @@ class AttentionSpec:
     width_attrs: tuple[str, ...]
     group: int = 1  # query heads per key/value head (grouped-query attention); a channel is one such group
     kv_count_attrs: tuple[str, ...] = ()
+    # Proven separately from the heads (see _reads_and_returns): whether the module's input reaches its
+    # output only through q/k/v, and whether its output is the output projection's and nothing else.
+    # ALBERT's attention returns LayerNorm(input + dense(context)): heads exact, input and output not free.
+    input_only_qkv: bool = True
+    output_is_projection: bool = True
 
     @property
     def channels(self) -> int:
@@ -240,11 +247,82 @@ def attention_spec(module: nn.Module, call: tuple[tuple, dict] | None = None) ->
         return None
     if spec.out is None and full.shape[-1] != spec.heads * spec.head_dim:
         return None
-    if not torch.allclose(got, expected, rtol=1e-4, atol=1e-5 * max(1.0, float(expected.abs().max()))):
+    if not _close(got, expected):
         return None
+    input_only, output_fresh = _reads_and_returns(module, spec, call, full)
     return AttentionSpec(spec.q, spec.k, spec.v, spec.out, spec.heads, spec.head_dim, spec.hidden,
                          isinstance(raw, (tuple, list)), spec.head_count_attrs, spec.width_attrs, spec.group,
-                         spec.kv_count_attrs)
+                         spec.kv_count_attrs, input_only, output_fresh)
+
+
+def _close(got: torch.Tensor, expected: torch.Tensor) -> bool:
+    return got.shape == expected.shape and torch.allclose(
+        got, expected, rtol=1e-4, atol=1e-5 * max(1.0, float(expected.abs().max())))
+
+
+def _module_input(module: nn.Module, call: tuple[tuple, dict]) -> tuple[torch.Tensor | None, Callable]:
+    """The module's first argument in ``call`` and a function that puts another tensor in its place."""
+    args, kwargs = call
+    if args:
+        return (args[0] if isinstance(args[0], torch.Tensor) else None), lambda x: ((x, *args[1:]), kwargs)
+    try:
+        first = next(iter(list(inspect.signature(type(module).forward).parameters)[1:]), None)
+    except (TypeError, ValueError):
+        first = None
+    x = kwargs.get(first) if first is not None else None
+    return (x if isinstance(x, torch.Tensor) else None), lambda x: (args, {**kwargs, first: x})
+
+
+def _reads_and_returns(module: nn.Module, spec: AttentionSpec, call: tuple[tuple, dict],
+                       full: torch.Tensor) -> tuple[bool, bool]:
+    """Prove the two things the analysis assumes besides the heads; False where it cannot.
+
+    *Input only through q/k/v*: each projection is called on the module's
+    input itself, and the output does not move when the module gets another
+    input while the projections keep seeing the original (no residual, no
+    norm of the input inside the module). *Output is the projection's*:
+    the module returns exactly what its output projection returned (with no
+    output projection inside, the head proof already showed the output is the
+    context itself).
+    """
+    x, replace = _module_input(module, call)
+    if x is None or x.shape[-1] != spec.hidden:
+        return False, spec.out is None
+    probe = _plain_copy(module)
+    seen: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    names = (spec.q, spec.k, spec.v) + ((spec.out,) if spec.out is not None else ())
+
+    def record(name: str):
+        def hook(_m: nn.Module, a: tuple, out: torch.Tensor) -> None:
+            seen.setdefault(name, (a[0], out))
+        return hook
+
+    def pin(name: str):  # the projection sees the original input whatever the module got
+        return lambda _m, a: (seen[name][0], *a[1:])
+
+    try:
+        with torch.no_grad():
+            handles = [probe.get_submodule(n).register_forward_hook(record(n)) for n in names]
+            args, kwargs = copy.deepcopy(call)
+            probe(*args, **kwargs)
+            for h in handles:
+                h.remove()
+            fed_x = all(n in seen and seen[n][0].shape == x.shape and torch.equal(seen[n][0], x)
+                        for n in (spec.q, spec.k, spec.v))
+            output_fresh = spec.out is None or (spec.out in seen and _close(full, seen[spec.out][1]))
+            input_only = False
+            if fed_x:
+                other = torch.randn(x.shape, generator=torch.Generator().manual_seed(1)).to(x) * (
+                    1.0 + float(x.abs().max()))
+                handles = [probe.get_submodule(n).register_forward_pre_hook(pin(n)) for n in (spec.q, spec.k, spec.v)]
+                args, kwargs = copy.deepcopy(replace(other))
+                moved = _first(probe(*args, **kwargs))
+                for h in handles:
+                    h.remove()
+                input_only = moved is not None and _close(moved, full)
+    except Exception:  # noqa: BLE001 - whatever cannot be run cannot be proven
+        return False, False
+    return input_only, output_fresh
 
 
 def record_attention_calls(model: nn.Module, args: tuple, kwargs: dict) -> dict[int, tuple[tuple, dict]]:

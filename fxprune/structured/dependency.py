@@ -267,6 +267,17 @@ class _Opaque:
 _OPAQUE = _Opaque()
 
 
+class _GraphInput(_Opaque):
+    """An input of an analysed graph: the model's own input (``module`` ``""``) or a captured submodule's."""
+
+    def __init__(self, module: str):
+        self.module = module
+
+    def origin(self) -> str:
+        return "model input" if not self.module else (
+            f"input of module {self.module}, made by code the analysis cannot see")
+
+
 @dataclass
 class _Tuple:
     """A module output that is a tuple (``(context, attention weights)`` of an attention module)."""
@@ -395,9 +406,12 @@ class _Analysis:
         target = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
         where = f"node {node.name!r} ({node.op} {target})"
         if node.op == "placeholder":
-            return _OPAQUE
+            return _GraphInput(prefix.rstrip("."))
         if node.op == "output":
-            self.block_inputs(node, env, "reaches the output of the traced graph (its size is part of the interface)")
+            self.block_inputs(node, env, "model output: reaches the output of the traced graph (its size is part of "
+                                         "the interface)" if not prefix else
+                              f"output of module {prefix.rstrip('.')}: reaches the output of its traced graph, "
+                              "read by code the analysis cannot see")
             return None
         if node.op == "get_attr":
             return _Param(prefix + node.target)
@@ -565,6 +579,9 @@ class _Analysis:
         for proj in (spec.q, spec.k, spec.v) + ((spec.out,) if spec.out is not None else ()):
             self.weight(f"{name}.{proj}.weight", where)  # all present before any slice is recorded
         in_atoms, chan = self.input_atoms(x, -1, spec.hidden, where)
+        if not spec.input_only_qkv:  # e.g. a residual (LayerNorm(x + ...)) inside the module
+            self.block(in_atoms, f"{where} also reads its input outside its query/key/value projections "
+                                 "(a residual or norm inside the module), which the analysis does not follow")
         heads = self.new_atoms(spec.channels)  # heads, or key/value groups of grouped-query attention
         for proj, block in ((spec.q, spec.group * spec.head_dim), (spec.k, spec.head_dim), (spec.v, spec.head_dim)):
             w = f"{name}.{proj}.weight"
@@ -580,6 +597,9 @@ class _Analysis:
             w = f"{name}.{spec.out}.weight"
             self.add_slice(w, 1, IN_BLOCK, heads, is_weight=True, block=spec.group * spec.head_dim)
             out_atoms = self.new_atoms(self.tensor_of(w).shape[0])
+            if not spec.output_is_projection:  # ALBERT: returns LayerNorm(input + dense(context))
+                self.block(out_atoms, f"{where} returns more than its output projection {spec.out} "
+                                      "(e.g. LayerNorm(input + projection) inside the module)")
             self.add_slice(w, 0, OUT, out_atoms, is_weight=True)
             if self.tensor_of(f"{name}.{spec.out}.bias") is not None:
                 self.add_slice(f"{name}.{spec.out}.bias", 0, OUT, out_atoms)
@@ -596,7 +616,11 @@ class _Analysis:
         if isinstance(x, _Chan):
             self.block(x.atoms, f"read by {where} in a layout the analysis cannot map")
         atoms = self.new_atoms(size)
-        self.block(atoms, f"input channels of {where} come from outside the analysed graph or an op it does not follow")
+        if isinstance(x, _GraphInput):
+            self.block(atoms, f"{x.origin()}: read by {where}")
+        else:
+            self.block(atoms, f"input channels of {where} come from outside the analysed graph or an op it does not "
+                              "follow")
         return atoms, None
 
     def weight(self, name: str, where: str) -> torch.Tensor:
