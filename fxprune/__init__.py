@@ -9,7 +9,7 @@ from fxprune.convert import UnappliedGoalWarning, convert
 from fxprune.distributed import check_masks_consistent
 from fxprune.errors import ConfigError, PruningError, TraceError
 from fxprune.masked import MaskedParameter
-from fxprune.masks import HighSparsityWarning
+from fxprune.layer_collapse import HighSparsityWarning
 from fxprune.prepare import TraceFallbackWarning, prepare
 from fxprune.pruner import Pruner
 from fxprune.report import PrepareReport, SparsityReport, sparsity_report

@@ -28,6 +28,7 @@ import torch
 from fxprune.config import PrunerConfig, nm_ratio
 from fxprune.errors import ConfigError, PruningError
 from fxprune.masked import MaskedParameter
+from fxprune.layer_collapse import warn_high_sparsity
 
 __all__ = [
     "count_to_prune",
@@ -39,8 +40,6 @@ __all__ = [
     "nm_mask",
     "check_pattern_shapes",
     "select_masks",
-    "HighSparsityWarning",
-    "HIGH_SPARSITY",
 ]
 
 
@@ -553,30 +552,18 @@ def _restore(groups: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------- dispatch
 
 
-class HighSparsityWarning(UserWarning):
-    """A mask update left a tensor with (almost) nothing: above 0.99 sparsity, or held at a global pruner's default cap.
-
-    A layer pruned that far usually means one global threshold over layers of
-    very different sizes, not a deliberate choice; filter this category to
-    silence it once you are sure.
-    """
-
-
-#: Sparsity above which every mask update that prunes a tensor further warns.
-HIGH_SPARSITY = 0.99
-
-
 def select_masks(
     pruner: PrunerConfig, group: list[MaskedParameter], scores: list[torch.Tensor], goal: float
 ) -> list[torch.Tensor]:
     """New masks for one pruner's weights at sparsity ``goal``, per the pruner's scope and pattern.
 
     The one place where mask patterns are chosen; the Pruner calls nothing else.
-    Warns (:class:`HighSparsityWarning`) about every tensor this update takes
+    Warns (:class:`fxprune.HighSparsityWarning`) about every tensor this update takes
     above 0.99 sparsity or up to a global pruner's default cap.
     """
     new = _select_masks(pruner, group, scores, goal)
-    _warn_high_sparsity(pruner, group, new)
+    warn_high_sparsity(pruner, [_name(pruner, mp, i) for i, mp in enumerate(group)], [mp.mask for mp in group], new,
+                       _cap(pruner) if getattr(pruner, "max_sparsity", None) is None else None)
     return new
 
 
@@ -614,32 +601,3 @@ def _cap(pruner: PrunerConfig) -> float | None:
 
 def _name(pruner: PrunerConfig, mp: MaskedParameter, i: int) -> str:
     return getattr(mp, "_fxprune_name", f"{pruner.key_path} weight {i}")
-
-
-def _warn_high_sparsity(pruner: PrunerConfig, group: list[MaskedParameter], new: list[torch.Tensor]) -> None:
-    default_cap = _cap(pruner) if getattr(pruner, "max_sparsity", None) is None else None
-    high, capped = [], []
-    for i, (mp, mask) in enumerate(zip(group, new)):
-        n = mask.numel()
-        pruned, before = n - int(torch.count_nonzero(mask)), n - int(torch.count_nonzero(mp.mask))
-        if not n or pruned <= before:
-            continue
-        if pruned / n > HIGH_SPARSITY:
-            high.append(f"{_name(pruner, mp, i)} {pruned / n:.4f} ({n - pruned} of {n} weights left)")
-        elif default_cap is not None and pruned >= math.floor(default_cap * n + 1e-9):
-            capped.append(f"{_name(pruner, mp, i)} {pruned / n:.4f}")
-    if high:
-        warnings.warn(
-            f"{pruner.key_path}: pruned above {HIGH_SPARSITY} sparsity: {'; '.join(high)}. A layer this empty "
-            "rarely works; lower the target or bound the layer (scope: global takes max_sparsity)",
-            HighSparsityWarning,
-            stacklevel=3,
-        )
-    if capped:
-        warnings.warn(
-            f"{pruner.key_path}: held at the default per-tensor cap max_sparsity {default_cap:g} of scope: global "
-            f"(the global threshold would prune them further): {'; '.join(capped)}. Other tensors are pruned more "
-            "to keep the overall count; set max_sparsity (1.0 for no cap) to choose",
-            HighSparsityWarning,
-            stacklevel=3,
-        )

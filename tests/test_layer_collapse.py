@@ -19,7 +19,8 @@ from torch import nn
 
 import fxprune
 from fxprune.config import default_max_sparsity
-from fxprune.masks import HIGH_SPARSITY, count_to_prune
+from fxprune.layer_collapse import HIGH_SPARSITY
+from fxprune.masks import count_to_prune
 
 
 def _mlp(widths: list[int], scales: list[float], seed: int = 0) -> nn.Sequential:
