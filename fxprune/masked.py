@@ -191,7 +191,10 @@ class MaskedParameter(nn.Module):
         if not self._has_pruned or self.is_clean():
             return
         param = self._parameters["param"]
-        param.data.mul_(self.keep_bytes() if cold else self.keep())
+        if cold:
+            _zero_pruned(param.data, self.keep_bytes())
+        else:
+            param.data.mul_(self.keep())
         self.__dict__["_clean_version"] = param._version
 
     @torch.no_grad()
@@ -233,7 +236,9 @@ class MaskedParameter(nn.Module):
 
     def folded(self) -> torch.Tensor:
         """The effective weight as a new plain tensor."""
-        return self.param.detach() * self.keep_bytes()
+        out = self.param.detach().clone()
+        _zero_pruned(out, self.keep_bytes())
+        return out
 
     @torch.no_grad()
     def fold_into_parameter(self) -> nn.Parameter:
@@ -245,7 +250,7 @@ class MaskedParameter(nn.Module):
         """
         param = self._parameters["param"]
         if self._has_pruned:
-            param.data.mul_(self.keep_bytes())
+            _zero_pruned(param.data, self.keep_bytes())
         if self._grad_mask is not None:
             self._grad_mask.remove()
             self._grad_mask = None
@@ -285,6 +290,27 @@ class MaskedParameter(nn.Module):
         kept = int(self.mask.sum())
         n = self.mask.numel()
         return f"shape={tuple(self.param.shape)}, sparsity={1 - kept / max(n, 1):.4f}"
+
+
+#: Entries per chunk of :func:`_zero_pruned`: 16 MiB of float32 temporaries at most.
+_ZERO_CHUNK = 1 << 22
+
+
+def _zero_pruned(data: torch.Tensor, keep_bytes: torch.Tensor) -> None:
+    """``data *= keep_bytes`` in chunks.
+
+    A CPU multiply by a tensor of another dtype first casts that operand whole
+    (a float copy of the mask: as much memory as the weight); chunk by chunk
+    that temporary stays small. NaN and inf entries become NaN, as with any
+    multiply by 0.
+    """
+    n = data.numel()
+    if n <= _ZERO_CHUNK or not (data.is_contiguous() and keep_bytes.is_contiguous()):
+        data.mul_(keep_bytes)
+        return
+    flat, keep = data.view(-1), keep_bytes.view(-1)
+    for lo in range(0, n, _ZERO_CHUNK):
+        flat[lo:lo + _ZERO_CHUNK].mul_(keep[lo:lo + _ZERO_CHUNK])
 
 
 class _GradientMask:

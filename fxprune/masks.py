@@ -40,6 +40,7 @@ __all__ = [
     "nm_mask",
     "check_pattern_shapes",
     "select_masks",
+    "selects_per_tensor",
 ]
 
 
@@ -59,9 +60,11 @@ def local_unstructured_mask(scores: torch.Tensor, mask: torch.Tensor, sparsity: 
     already = keep.numel() - int(torch.count_nonzero(keep))
     if k <= already:
         return mask.clone()
-    s = torch.nan_to_num(scores.detach().reshape(-1), nan=math.inf)  # a new tensor: ours to overwrite
-    if already:
-        s.masked_fill_(torch.logical_not(keep), -math.inf)
+    s = scores.detach().reshape(-1)
+    if already or not bool(torch.isfinite(s).all()):  # the scores are the policy's: overwrite only a copy
+        s = torch.nan_to_num(s, nan=math.inf)
+        if already:
+            s.masked_fill_(torch.logical_not(keep), -math.inf)
     kth = kth_smallest(s, k)
     prune = s < kth
     need = k - int(torch.count_nonzero(prune))
@@ -550,6 +553,15 @@ def _restore(groups: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------- dispatch
+
+
+def selects_per_tensor(pruner: PrunerConfig) -> bool:
+    """True when each weight's mask depends on that weight's scores alone (``scope: local``, N:M), so
+    :func:`select_masks` may be called one weight at a time; global scope and channels see them all."""
+    pattern = getattr(pruner, "pattern", "unstructured")
+    if pattern == "channel":
+        return False
+    return parse_nm(pattern) is not None or getattr(pruner, "scope", "local") != "global"
 
 
 def select_masks(

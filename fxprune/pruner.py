@@ -43,7 +43,7 @@ from fxprune.config import PrunerConfig, PruningConfig
 from fxprune.distributed import broadcast_masks
 from fxprune.errors import PruningError
 from fxprune.masked import MaskedParameter
-from fxprune.masks import select_masks
+from fxprune.masks import select_masks, selects_per_tensor
 from fxprune.plan import PruningPlan
 from fxprune.policies import POLICIES, Policy, PolicyNotReady
 from fxprune.report import PrepareReport, ScheduleTable
@@ -350,9 +350,15 @@ class Pruner(nn.Module):
                 continue
             mine = [t for t in self.targets if t.pruner == p.name]
             group = [t.masked for t in mine]
-            scores = [self._policy_scores(p, t) for t in mine]
-            for m, mask in zip(group, select_masks(p, group, scores, goal)):
-                m.set_mask(mask)
+            if selects_per_tensor(p):
+                # One tensor at a time: its scores and new mask are freed before the next is scored, so an
+                # update needs the temporaries of the largest weight, not scores for the whole model.
+                for t in mine:
+                    t.masked.set_mask(select_masks(p, [t.masked], [self._policy_scores(p, t)], goal)[0])
+            else:
+                scores = [self._policy_scores(p, t) for t in mine]
+                for m, mask in zip(group, select_masks(p, group, scores, goal)):
+                    m.set_mask(mask)
             changed.extend(group)
             self.goals[i] = goal
         if changed:
