@@ -21,6 +21,7 @@ it on every call and costs several times more.
 """
 from __future__ import annotations
 
+import sys
 import weakref
 
 import torch
@@ -74,6 +75,8 @@ class MaskedParameter(nn.Module):
             # (torch.func.functional_call, an EMA model's parameters) or one the user assigned. Moving the
             # hooks to it would unhook the real one while its graph may still be pending: multiply instead.
             # (A mask update, load_state_dict or module.to() adopts an assigned parameter.)
+            if "_fsdp_sharded" in self.__dict__:  # FSDP2's gathered copy of clean shards (fxprune.fsdp)
+                return _fsdp().unsharded_weight(self, param)
             return param * self.keep()
         self._adopt(param)  # swapped in place (swap_tensors) or unfrozen since hooked
         if param._version == self._clean_version:
@@ -96,6 +99,9 @@ class MaskedParameter(nn.Module):
         """
         if not isinstance(param, nn.Parameter) or not param.is_leaf:
             return
+        # FSDP2 (fully_shard) swaps in DTensor shards and, around a unit's forward, gathered copies.
+        if "torch.distributed.tensor" in sys.modules and self._follow_sharding(param):
+            return
         old = self._grad_mask
         if old is not None:
             old.remove()
@@ -109,6 +115,10 @@ class MaskedParameter(nn.Module):
                 param._post_accumulate_grad_hooks = None
         self.__dict__["_hooked"] = param
         self._grad_mask = _GradientMask(self, param)
+
+    def _follow_sharding(self, param: torch.Tensor) -> bool:
+        """Shard the mask like a DTensor ``param``; True for FSDP's gathered copy (hook nothing)."""
+        return _fsdp().follow_sharding(self, param)
 
     def _apply(self, fn, recurse=True):  # type: ignore[override]
         # A gradient stamp is a weak reference to the gradient, which would keep _apply from swapping it.
@@ -132,7 +142,10 @@ class MaskedParameter(nn.Module):
 
     def _any_pruned(self) -> bool:
         # reading the bool mask as bytes is ~40x faster than Tensor.all() on large masks
-        return self.mask.numel() > 0 and int(self.mask.view(torch.uint8).amin()) == 0
+        mask = self.mask
+        if "_fsdp_sharded" in self.__dict__:
+            mask = mask.to_local()  # this rank's shard: the one its re-zeroing and gradient masking touch
+        return mask.numel() > 0 and int(mask.view(torch.uint8).amin()) == 0
 
     def keep(self) -> torch.Tensor:
         """The mask as 0/1 in the parameter's dtype and device (cached)."""
@@ -172,6 +185,10 @@ class MaskedParameter(nn.Module):
         if not self._has_pruned or self.is_clean():
             return
         param = self._parameters["param"]
+        if "torch.distributed.tensor" in sys.modules:
+            self._adopt(param)  # FSDP2 may have sharded it: the mask follows before it is used
+            if "_fsdp_sharded" in self.__dict__ and param is not self._hooked:
+                return  # FSDP2's gathered copy, taken from shards re-zeroed before the gather
         param.data.mul_(self.keep())
         self.__dict__["_clean_version"] = param._version
 
@@ -244,6 +261,13 @@ class MaskedParameter(nn.Module):
         kept = int(self.mask.sum())
         n = self.mask.numel()
         return f"shape={tuple(self.param.shape)}, sparsity={1 - kept / max(n, 1):.4f}"
+
+
+def _fsdp():
+    # Imported only once a DTensor exists: the FSDP2 support needs torch.distributed.tensor.
+    from fxprune import fsdp
+
+    return fsdp
 
 
 class _GradientMask:
