@@ -232,6 +232,13 @@ class MaskedParameter(nn.Module):
         """The effective weight as a plain tensor, for :func:`fxprune.convert`."""
         return self.param.detach() * self.keep()
 
+    def _save_to_state_dict(self, destination, prefix, keep_vars):  # noqa: D401 - torch hook
+        if "torch.distributed.tensor" in sys.modules:
+            # (FSDP2) a state dict taken before any mask update or forward already has the masks sharded
+            # like their parameters, so torch.distributed.checkpoint loads shards into shards.
+            self._adopt(self._parameters["param"])
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+
     def _load_from_state_dict(self, *args, **kwargs):  # noqa: D401 - torch hook
         super()._load_from_state_dict(*args, **kwargs)
         self._has_pruned = self._any_pruned()
