@@ -69,8 +69,8 @@ class PreparedGraphModule(fx.GraphModule):
     def _call_impl(self, *args: Any, **kwargs: Any) -> Any:
         # fully_shard (FSDP2) changes the model's class: the first call after it lets the masks follow the
         # sharding before any hook of FSDP runs and before the forward is looked up (fxprune.fsdp).
-        if type(self) is not self.__dict__.get("_fxprune_seen_class"):
-            self.__dict__["_fxprune_seen_class"] = type(self)
+        if id(type(self)) != self.__dict__.get("_fxprune_seen_class"):  # an id: the class may not pickle
+            self.__dict__["_fxprune_seen_class"] = id(type(self))
             if "torch.distributed.fsdp" in sys.modules:
                 from torch.distributed.fsdp import FSDPModule
 
