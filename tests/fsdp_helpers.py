@@ -86,3 +86,28 @@ def train_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y:
     opt.zero_grad()
     loss.backward()
     opt.step()
+
+
+def hook_optimizer(params) -> torch.optim.Optimizer:
+    return torch.optim.Adam(params, lr=0.01)
+
+
+def hook_style_run(model: nn.Module, opt: torch.optim.Optimizer, data) -> None:
+    """The seed's loop: every pruner hook called by hand, the optimizer not attached."""
+    pruner = model.pruner
+    for step, (x, y) in enumerate(data):
+        if step % STEPS_PER_EPOCH == 0:
+            pruner.on_epoch_begin(step // STEPS_PER_EPOCH)
+        pruner.on_batch_begin()
+        loss = pruner.on_minibatch_end(model, F.mse_loss(model(x), y))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        pruner.on_batch_end()
+        if step % STEPS_PER_EPOCH == STEPS_PER_EPOCH - 1:
+            pruner.on_epoch_end(step // STEPS_PER_EPOCH)
+
+
+CHANNEL_CONFIG = {"pruning": {"magnitude": {"c": {"weights": ["blocks.0.fc1.weight"], "pattern": "channel"}},
+                              "target_sparsity": 0.5, "start_epoch": 0, "end_epoch": 0, "schedule": "oneshot"}}
+WANDA_CONFIG = {"pruning": {"wanda": {"w": {"weights": ["head.weight"]}}, "target_sparsity": 0.5}}

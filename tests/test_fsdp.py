@@ -18,7 +18,20 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import fxprune
-from fsdp_helpers import STEPS, STEPS_PER_EPOCH, BlockNet, batch, config, local_batch, optimizer, train_step
+from fsdp_helpers import (
+    CHANNEL_CONFIG,
+    STEPS,
+    STEPS_PER_EPOCH,
+    WANDA_CONFIG,
+    BlockNet,
+    batch,
+    config,
+    hook_optimizer,
+    hook_style_run,
+    local_batch,
+    optimizer,
+    train_step,
+)
 
 WORLD = 2
 SAVE_AT = 3  # steps done when the checkpoint is written (mid-schedule: masks are updated again after it)
@@ -114,7 +127,28 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         gathered = gather_prepared(prepared, fxprune.prepare(BlockNet(), config()))
         result["gathered_pruner"] = (int(gathered.pruner.step), gathered.pruner.current_goals())
         result["converted"] = {k: v.clone() for k, v in fxprune.convert(gathered).state_dict().items()}
-        del opt, opt2
+
+        hooked = fxprune.prepare(BlockNet(), config())
+        _shard(hooked)
+        hook_opt = hook_optimizer(hooked.parameters())
+        hook_style_run(hooked, hook_opt, [local_batch(step, rank, WORLD) for step in range(STEPS)])
+        result["hook_style"] = _full_state(hooked)
+        result["hook_style_zero"] = _local_checks(hooked, hook_opt)[0]
+        fxprune.check_masks_consistent(hooked.pruner)  # a collective over gathered masks: passes
+
+        result["errors"] = {}
+        for name, cfg in (("channel", CHANNEL_CONFIG), ("wanda", WANDA_CONFIG)):
+            bad = fxprune.prepare(BlockNet(), cfg)
+            _shard(bad)
+            try:
+                if name == "wanda":
+                    fxprune.calibrate(bad, [local_batch(0, rank, WORLD)[0]])
+                else:
+                    bad.pruner.on_epoch_begin(0)
+                result["errors"][name] = None
+            except fxprune.PruningError as e:
+                result["errors"][name] = str(e)
+        del opt, opt2, hook_opt
     finally:
         gc.collect()
         dist.barrier()
@@ -134,8 +168,14 @@ def _single_process() -> dict:
             **{t.name: t.masked.param.detach().clone() for t in prepared.pruner.targets},
             **{t.name + ".mask": t.masked.mask.clone() for t in prepared.pruner.targets},
         })
+    hooked = fxprune.prepare(BlockNet(), config())
+    hook_style_run(hooked, hook_optimizer(hooked.parameters()), [batch(step) for step in range(STEPS)])
+    hook_style = {
+        **{t.name: t.masked.param.detach().clone() for t in hooked.pruner.targets},
+        **{t.name + ".mask": t.masked.mask.clone() for t in hooked.pruner.targets},
+    }
     return {"per_step": per_step, "goals": prepared.pruner.current_goals(),
-            "converted": fxprune.convert(prepared).state_dict()}
+            "converted": fxprune.convert(prepared).state_dict(), "hook_style": hook_style}
 
 
 @pytest.fixture(scope="module")
@@ -202,3 +242,18 @@ def test_convert_of_the_gathered_model_equals_the_single_process_converted_model
             torch.testing.assert_close(r["converted"][k], v, rtol=1e-5, atol=1e-6, msg=k)
             if k.endswith("weight") and v.dim() > 1:
                 assert torch.equal(r["converted"][k] == 0, v == 0), k
+
+
+def test_hook_style_loop_equals_a_single_process_run(runs):
+    (r0, r1), ref = runs
+    _assert_same(r0["hook_style"], ref["hook_style"], "hook style, rank 0")
+    _assert_same(r1["hook_style"], ref["hook_style"], "hook style, rank 1")
+    assert r0["hook_style_zero"] and r1["hook_style_zero"]
+
+
+def test_unsupported_features_under_fsdp_raise_clear_errors(runs):
+    (r0, r1), _ = runs
+    for r in (r0, r1):
+        assert "pattern 'channel' is not supported" in r["errors"]["channel"]
+        assert "pruning.magnitude.c" in r["errors"]["channel"]
+        assert "calibrate the prepared model before fully_shard" in r["errors"]["wanda"]
