@@ -63,15 +63,12 @@ if TYPE_CHECKING:  # pragma: no cover
     from fxprune.config import PrunerConfig
     from fxprune.rewrite import InstalledTarget
 
-__all__ = [
-    "is_sharded",
-    "follow_sharding",
-    "unsharded_weight",
-    "sharded_masks_update",
-    "full_mask",
-    "adopt_fully_shard",
-    "gather_prepared",
-]
+__all__ = ["is_sharded", "full_mask", "gather_prepared", "adopt_fully_shard"]
+
+
+def is_dtensor(t: object) -> bool:
+    """True for a DTensor (what ``fully_shard`` makes of a parameter)."""
+    return isinstance(t, DTensor)
 
 
 def is_sharded(masked: MaskedParameter) -> bool:
@@ -98,8 +95,9 @@ def follow_sharding(masked: MaskedParameter, param: torch.Tensor) -> bool:
     if not isinstance(param, DTensor):
         return is_sharded(masked)
     shape = tuple(param.shape)
+    new = []  # every shard cut and checked before any buffer is replaced
     for owner in masked.modules():
-        for name, buf in list(owner._buffers.items()):
+        for name, buf in owner._buffers.items():
             if buf is None or isinstance(buf, DTensor) or tuple(buf.shape) != shape:
                 continue
             sharded = _shard_like(buf, param)
@@ -109,7 +107,9 @@ def follow_sharding(masked: MaskedParameter, param: torch.Tensor) -> bool:
                     f"{tuple(param.to_local().shape)} but the mask's shard would have "
                     f"{tuple(sharded.to_local().shape)} (placements {param.placements})"
                 )
-            owner._buffers[name] = sharded
+            new.append((owner, name, sharded))
+    for owner, name, sharded in new:
+        owner._buffers[name] = sharded
     masked.__dict__["_fsdp_sharded"] = True  # read by MaskedParameter's forward and re-zeroing
     masked._keep = masked._keep_key = None
     masked._has_pruned = masked._any_pruned()

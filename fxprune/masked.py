@@ -185,10 +185,10 @@ class MaskedParameter(nn.Module):
         if not self._has_pruned or self.is_clean():
             return
         param = self._parameters["param"]
-        if "torch.distributed.tensor" in sys.modules:
-            self._adopt(param)  # FSDP2 may have sharded it: the mask follows before it is used
-            if "_fsdp_sharded" in self.__dict__ and param is not self._hooked:
-                return  # FSDP2's gathered copy, taken from shards re-zeroed before the gather
+        if "torch.distributed.tensor" in sys.modules and _fsdp().is_dtensor(param):
+            self._adopt(param)  # FSDP2 may have swapped in a new shard: the mask follows before it is used
+        elif "_fsdp_sharded" in self.__dict__:
+            return  # FSDP2's gathered copy, taken from shards re-zeroed before the gather
         param.data.mul_(self.keep())
         self.__dict__["_clean_version"] = param._version
 
@@ -233,10 +233,11 @@ class MaskedParameter(nn.Module):
         return self.param.detach() * self.keep()
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):  # noqa: D401 - torch hook
-        if "torch.distributed.tensor" in sys.modules:
+        param = self._parameters["param"]
+        if "torch.distributed.tensor" in sys.modules and _fsdp().is_dtensor(param):
             # (FSDP2) a state dict taken before any mask update or forward already has the masks sharded
             # like their parameters, so torch.distributed.checkpoint loads shards into shards.
-            self._adopt(self._parameters["param"])
+            self._adopt(param)
         super()._save_to_state_dict(destination, prefix, keep_vars)
 
     def _load_from_state_dict(self, *args, **kwargs):  # noqa: D401 - torch hook

@@ -382,8 +382,11 @@ def _follow_fsdp(masked: list[MaskedParameter]) -> bool:
     """Let every mask follow its parameter's FSDP2 sharding; True if any of them is sharded."""
     if "torch.distributed.tensor" not in sys.modules:  # no DTensor can exist yet
         return False
+    from fxprune.fsdp import is_dtensor
+
     for m in masked:
-        m._adopt(m._parameters["param"])
+        if is_dtensor(m._parameters["param"]):
+            m._adopt(m._parameters["param"])
     return any("_fsdp_sharded" in m.__dict__ for m in masked)
 
 

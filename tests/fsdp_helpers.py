@@ -47,14 +47,15 @@ class BlockNet(nn.Module):
 
 
 def config() -> dict:
-    """Local magnitude, global magnitude, 2:4 and movement pruners, several mask updates each (by epoch)."""
+    """Local and global magnitude, 2:4, LAMP and movement pruners, several mask updates each (by epoch)."""
     return {
         "pruning": {
             "magnitude": {
                 "local": {"weights": ["stem.conv.weight", "blocks.0.*"], "target_sparsity": 0.7},
-                "glob": {"weights": ["blocks.1.*", "blocks.2.fc1.weight"], "scope": "global", "target_sparsity": 0.8},
+                "glob": {"weights": ["blocks.1.*"], "scope": "global", "target_sparsity": 0.8},
                 "nm": {"weights": ["blocks.2.fc2.weight"], "pattern": "2:4"},
             },
+            "lamp": {"lp": {"weights": ["blocks.2.fc1.weight"], "target_sparsity": 0.6}},
             "movement": {"mv": {"weights": ["head.weight"], "target_sparsity": 0.5, "start_epoch": 1}},
             "start_epoch": 0,
             "end_epoch": 3,

@@ -205,7 +205,7 @@ def test_masks_are_dtensors_sharded_like_their_parameters(runs):
 def test_masks_and_weights_equal_a_single_process_run_after_every_step(runs):
     (r0, r1), ref = runs
     assert r0["goals"] == r1["goals"] == ref["goals"]
-    assert ref["goals"] == pytest.approx({"local": 0.7, "glob": 0.8, "nm": 0.5, "mv": 0.5})
+    assert ref["goals"] == pytest.approx({"local": 0.7, "glob": 0.8, "nm": 0.5, "lp": 0.6, "mv": 0.5})
     for step, want in enumerate(ref["per_step"]):
         _assert_same(r0["per_step"][step], want, f"rank 0, step {step}")
         _assert_same(r1["per_step"][step], r0["per_step"][step], f"rank 1 vs rank 0, step {step}")
