@@ -165,6 +165,16 @@ def _broadcast_full(masks: list[torch.Tensor], group: dist.ProcessGroup | None) 
     return out
 
 
+def check_sharded_pruners(pruners: Sequence[PrunerConfig]) -> None:
+    """Raise :class:`PruningError` for a pruner whose pattern has no sharded mask update."""
+    for pruner in pruners:
+        if getattr(pruner, "pattern", "unstructured") == "channel":
+            raise PruningError(
+                f"{pruner.key_path}: pattern 'channel' is not supported on a model sharded with FSDP2 "
+                "(fully_shard); prune channels before sharding, or use an unstructured or N:M pattern"
+            )
+
+
 def sharded_masks_update(
     pruner: PrunerConfig,
     targets: Sequence[InstalledTarget],
@@ -180,11 +190,7 @@ def sharded_masks_update(
     """
     from fxprune.masks import select_masks
 
-    if getattr(pruner, "pattern", "unstructured") == "channel":
-        raise PruningError(
-            f"{pruner.key_path}: pattern 'channel' is not supported on a model sharded with FSDP2 "
-            "(fully_shard); prune channels before sharding, or use an unstructured or N:M pattern"
-        )
+    check_sharded_pruners([pruner])
     batches = [list(targets)] if getattr(pruner, "scope", "local") == "global" else [[t] for t in targets]
     for batch in batches:
         views = [_gathered_view(t.masked) for t in batch]

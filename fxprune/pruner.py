@@ -304,10 +304,12 @@ class Pruner(nn.Module):
     def _update_masks(self, epoch: int, step: int) -> bool:
         goals = self.goal_at(epoch, step=step)  # epoch -1: before every window
         changed: list[MaskedParameter] = []
-        for i, p in enumerate(self.pruner_configs):
-            goal = goals[p.name]
-            if goal <= float(self.goals[i]):
-                continue
+        due = [(i, p, goals[p.name]) for i, p in enumerate(self.pruner_configs) if goals[p.name] > float(self.goals[i])]
+        if due and _follow_fsdp([t.masked for t in self.targets]):
+            from fxprune.fsdp import check_sharded_pruners
+
+            check_sharded_pruners([p for _, p, _ in due])  # before any mask changes
+        for i, p, goal in due:
             mine = [t for t in self.targets if t.pruner == p.name]
             group = [t.masked for t in mine]
             if _follow_fsdp(group):  # FSDP2: gather, select as here, keep the shards (fxprune.fsdp)
