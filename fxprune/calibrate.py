@@ -31,6 +31,7 @@ Typical one-shot use (``schedule: oneshot`` at ``start_epoch: 0``)::
 """
 from __future__ import annotations
 
+import sys
 from typing import Any, Callable, Iterable, Mapping
 
 import torch
@@ -84,6 +85,15 @@ def calibrate(
         raise PruningError(
             f"calibrate(): no pruner of this model uses an activation-aware policy (wanda); pruners: {policies}"
         )
+    if "torch.distributed.fsdp" in sys.modules:
+        from torch.distributed.fsdp import FSDPModule
+
+        if any(isinstance(m, FSDPModule) for m in prepared.modules()):
+            raise PruningError(
+                "calibrate(): the model is sharded with FSDP2 (fully_shard), which fxprune's activation "
+                "recording does not support; calibrate the prepared model before fully_shard (the statistics "
+                "stay in its state dict; the masks are computed from rank 0's, which every rank then takes)"
+            )
     _check_graph_consumers(prepared, targets)
     hooks = _module_recorders(targets)
     if reset:

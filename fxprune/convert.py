@@ -60,6 +60,11 @@ def convert(
     """
     if not isinstance(prepared, PreparedGraphModule) or not isinstance(getattr(prepared, "pruner", None), Pruner):
         raise TypeError(f"convert() expects a model returned by fxprune.prepare(), got {type(prepared).__name__}")
+    if any("_fsdp_sharded" in t.masked.__dict__ for t in prepared.pruner.targets):
+        raise PruningError(
+            "convert() needs the whole model, and this one is sharded by FSDP2 (fully_shard): gather it into an "
+            "unsharded prepared model first, e.g. fxprune.fsdp.gather_prepared(sharded, fxprune.prepare(model, config))"
+        )
     channel_plan = prepared.__dict__.get("_fxprune_channels")
     if physical and channel_plan is None:
         raise PruningError(

@@ -13,6 +13,10 @@ pipeline stages). :func:`check_masks_consistent` is the independent check: it
 compares a checksum of every mask across ranks and names the weights that
 differ.
 
+Under FSDP2 (``fully_shard``) masks are sharded like their parameters and
+updated by :mod:`fxprune.fsdp`, which broadcasts each whole mask before
+cutting it into shards; :func:`broadcast_masks` is for unsharded masks.
+
 Everything here is a no-op when ``torch.distributed`` is not initialized or
 has a single rank, so the Pruner calls it unconditionally.
 """
@@ -75,8 +79,20 @@ def _digest(mask: torch.Tensor) -> int:
 
 
 def mask_checksums(pruner: Pruner) -> dict[str, int]:
-    """A checksum of each weight's mask, by weight name (equal checksums: equal masks, in practice)."""
-    return {t.name: _digest(t.masked.mask) for t in pruner.targets}
+    """A checksum of each weight's mask, by weight name (equal checksums: equal masks, in practice).
+
+    A mask sharded by FSDP2 (:mod:`fxprune.fsdp`) is gathered first, so this
+    is a collective when the model is sharded.
+    """
+    return {t.name: _digest(_whole(t.masked)) for t in pruner.targets}
+
+
+def _whole(masked: MaskedParameter) -> torch.Tensor:
+    if "_fsdp_sharded" in masked.__dict__:
+        from fxprune.fsdp import full_mask
+
+        return full_mask(masked)
+    return masked.mask
 
 
 def check_masks_consistent(pruner: Pruner, group: dist.ProcessGroup | None = None) -> None:

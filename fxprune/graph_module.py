@@ -10,6 +10,7 @@ construction path: first build, deepcopy, and unpickling.
 from __future__ import annotations
 
 import inspect
+import sys
 import warnings
 from typing import Any
 
@@ -91,6 +92,20 @@ class PreparedGraphModule(fx.GraphModule):
         if original is not None:
             original.module.training = mode
         return self
+
+    def _call_impl(self, *args: Any, **kwargs: Any) -> Any:
+        # fully_shard (FSDP2) changes the model's class: the first call after it lets the masks follow the
+        # sharding before any hook of FSDP runs and before the forward is looked up (fxprune.fsdp).
+        if id(type(self)) != self.__dict__.get("_fxprune_seen_class"):  # an id: the class may not pickle
+            self.__dict__["_fxprune_seen_class"] = id(type(self))
+            if "torch.distributed.fsdp" in sys.modules:
+                from torch.distributed.fsdp import FSDPModule
+
+                if isinstance(self, FSDPModule):
+                    from fxprune.fsdp import adopt_fully_shard
+
+                    adopt_fully_shard(self)
+        return super()._call_impl(*args, **kwargs)
 
     def _deepcopy_init(self):
         return PreparedGraphModule.__init__

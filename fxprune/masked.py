@@ -29,6 +29,7 @@ and one byte per entry is cheaper to read than four). ``float_copy = False``
 """
 from __future__ import annotations
 
+import sys
 import weakref
 
 import torch
@@ -83,6 +84,8 @@ class MaskedParameter(nn.Module):
             # (torch.func.functional_call, an EMA model's parameters) or one the user assigned. Moving the
             # hooks to it would unhook the real one while its graph may still be pending: multiply instead.
             # (A mask update, load_state_dict or module.to() adopts an assigned parameter.)
+            if "_fsdp_sharded" in self.__dict__:  # FSDP2's gathered copy of clean shards (fxprune.fsdp)
+                return _fsdp().unsharded_weight(self, param)
             return param * self.keep()
         self._adopt(param)  # swapped in place (swap_tensors) or unfrozen since hooked
         if param._version == self._clean_version:
@@ -105,6 +108,9 @@ class MaskedParameter(nn.Module):
         """
         if not isinstance(param, nn.Parameter) or not param.is_leaf:
             return
+        # FSDP2 (fully_shard) swaps in DTensor shards and, around a unit's forward, gathered copies.
+        if "torch.distributed.tensor" in sys.modules and self._follow_sharding(param):
+            return
         old = self._grad_mask
         if old is not None:
             old.remove()
@@ -118,6 +124,10 @@ class MaskedParameter(nn.Module):
                 param._post_accumulate_grad_hooks = None
         self.__dict__["_hooked"] = param
         self._grad_mask = _GradientMask(self, param)
+
+    def _follow_sharding(self, param: torch.Tensor) -> bool:
+        """Shard the mask like a DTensor ``param``; True for FSDP's gathered copy (hook nothing)."""
+        return _fsdp().follow_sharding(self, param)
 
     def _apply(self, fn, recurse=True):  # type: ignore[override]
         # A gradient stamp is a weak reference to the gradient, which would keep _apply from swapping it.
@@ -141,7 +151,10 @@ class MaskedParameter(nn.Module):
 
     def _any_pruned(self) -> bool:
         # reading the bool mask as bytes is ~40x faster than Tensor.all() on large masks
-        return self.mask.numel() > 0 and int(self.mask.view(torch.uint8).amin()) == 0
+        mask = self.mask
+        if "_fsdp_sharded" in self.__dict__:
+            mask = mask.to_local()  # this rank's shard: the one its re-zeroing and gradient masking touch
+        return mask.numel() > 0 and int(mask.view(torch.uint8).amin()) == 0
 
     def keep(self) -> torch.Tensor:
         """The mask as a multiplier for the per-step path: a cached float copy on CPU, else :meth:`keep_bytes`."""
@@ -191,6 +204,10 @@ class MaskedParameter(nn.Module):
         if not self._has_pruned or self.is_clean():
             return
         param = self._parameters["param"]
+        if "torch.distributed.tensor" in sys.modules and _fsdp().is_dtensor(param):
+            self._adopt(param)  # FSDP2 may have swapped in a new shard: the mask follows before it is used
+        elif "_fsdp_sharded" in self.__dict__:
+            return  # FSDP2's gathered copy, taken from shards re-zeroed before the gather
         if cold:
             _zero_pruned(param.data, self.keep_bytes())
         else:
@@ -261,6 +278,14 @@ class MaskedParameter(nn.Module):
         self._keep = self._keep_key = None
         return param
 
+    def _save_to_state_dict(self, destination, prefix, keep_vars):  # noqa: D401 - torch hook
+        param = self._parameters["param"]
+        if "torch.distributed.tensor" in sys.modules and _fsdp().is_dtensor(param):
+            # (FSDP2) a state dict taken before any mask update or forward already has the masks sharded
+            # like their parameters, so torch.distributed.checkpoint loads shards into shards.
+            self._adopt(param)
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+
     def _load_from_state_dict(self, *args, **kwargs):  # noqa: D401 - torch hook
         super()._load_from_state_dict(*args, **kwargs)
         self._has_pruned = self._any_pruned()
@@ -305,12 +330,19 @@ def _zero_pruned(data: torch.Tensor, keep_bytes: torch.Tensor) -> None:
     multiply by 0.
     """
     n = data.numel()
-    if n <= _ZERO_CHUNK or not (data.is_contiguous() and keep_bytes.is_contiguous()):
+    if n <= _ZERO_CHUNK or type(data) is not torch.Tensor or not (data.is_contiguous() and keep_bytes.is_contiguous()):
         data.mul_(keep_bytes)
         return
     flat, keep = data.view(-1), keep_bytes.view(-1)
     for lo in range(0, n, _ZERO_CHUNK):
         flat[lo:lo + _ZERO_CHUNK].mul_(keep[lo:lo + _ZERO_CHUNK])
+
+
+def _fsdp():
+    # Imported only once a DTensor exists: the FSDP2 support needs torch.distributed.tensor.
+    from fxprune import fsdp
+
+    return fsdp
 
 
 class _GradientMask:

@@ -32,6 +32,7 @@ not counted.
 """
 from __future__ import annotations
 
+import sys
 from functools import partial
 from typing import Any, Mapping
 
@@ -176,6 +177,7 @@ class Pruner(nn.Module):
             )
         if replace is not None:  # every check passed: only now touch the optimizer
             _repoint(optimizer, replace)
+        _follow_fsdp([t.masked for t in self.targets])  # masks sharded before the state is zeroed with them
         if not self._optimizers:
             self.steps_per_epoch = steps_per_epoch
         attachment = _Attachment(optimizer, ZeroPreservingSteps(optimizer, [t.masked for t in self.targets]))
@@ -344,13 +346,19 @@ class Pruner(nn.Module):
 
     def _prune_to(self, goals: Mapping[str, float]) -> bool:
         changed: list[MaskedParameter] = []
-        for i, p in enumerate(self.pruner_configs):
-            goal = goals[p.name]
-            if goal <= float(self.goals[i]):
-                continue
+        due = [(i, p, goals[p.name]) for i, p in enumerate(self.pruner_configs) if goals[p.name] > float(self.goals[i])]
+        if due and _follow_fsdp([t.masked for t in self.targets]):
+            from fxprune.fsdp import check_sharded_pruners
+
+            check_sharded_pruners([p for _, p, _ in due])  # before any mask changes
+        for i, p, goal in due:
             mine = [t for t in self.targets if t.pruner == p.name]
             group = [t.masked for t in mine]
-            if selects_per_tensor(p):
+            if _follow_fsdp(group):  # FSDP2: gather, select as here, keep the shards (fxprune.fsdp)
+                from fxprune.fsdp import sharded_masks_update
+
+                sharded_masks_update(p, mine, goal, partial(self._policy_scores, p), self.process_group)
+            elif selects_per_tensor(p):
                 # One tensor at a time: its scores and new mask are freed before the next is scored, so an
                 # update needs the temporaries of the largest weight, not scores for the whole model.
                 for t in mine:
@@ -362,8 +370,8 @@ class Pruner(nn.Module):
             changed.extend(group)
             self.goals[i] = goal
         if changed:
-            if self.sync_masks:
-                broadcast_masks(changed, self.process_group)
+            if self.sync_masks:  # sharded masks were broadcast whole before they were cut into shards
+                broadcast_masks([m for m in changed if "_fsdp_sharded" not in m.__dict__], self.process_group)
             self._zero_optimizer_state(changed)
         return bool(changed)
 
@@ -380,9 +388,10 @@ class Pruner(nn.Module):
             for policy, masked in self._gradient_observers:
                 policy.observe_gradients(masked)
 
-    def _policy_scores(self, p: PrunerConfig, t: InstalledTarget) -> torch.Tensor:
+    def _policy_scores(self, p: PrunerConfig, t: InstalledTarget, masked: MaskedParameter | None = None) -> torch.Tensor:
+        """``p``'s policy scores for ``t`` (or for ``masked``, a gathered stand-in of its weight)."""
         try:
-            return POLICIES[p.policy](t.masked)
+            return POLICIES[p.policy](t.masked if masked is None else masked)
         except PolicyNotReady as e:
             raise PruningError(f"{p.key_path}: weight {t.name!r}: {e}") from None
 
@@ -434,6 +443,18 @@ class Pruner(nn.Module):
     def extra_repr(self) -> str:
         goals = ", ".join(f"{k}={v:.4f}" for k, v in self.current_goals().items())
         return f"epoch={int(self.epoch)}, step={int(self.step)}, goals=({goals})"
+
+
+def _follow_fsdp(masked: list[MaskedParameter]) -> bool:
+    """Let every mask follow its parameter's FSDP2 sharding; True if any of them is sharded."""
+    if "torch.distributed.tensor" not in sys.modules:  # no DTensor can exist yet
+        return False
+    from fxprune.fsdp import is_dtensor
+
+    for m in masked:
+        if is_dtensor(m._parameters["param"]):
+            m._adopt(m._parameters["param"])
+    return any("_fsdp_sharded" in m.__dict__ for m in masked)
 
 
 def find_pruner(model: nn.Module) -> Pruner:
