@@ -22,6 +22,8 @@ converted on every call (measured 1.3-1.6x slower at batch 1).
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -39,14 +41,13 @@ def to_sparse_layout(weight2d: Tensor, layout: str, blocksize: int | None = None
     cannot be deep-copied and TorchScript cannot hold one as an attribute.
     """
     w = weight2d.detach()
-    if layout == "csr":
-        s = w.to_sparse_csr()
-    elif layout == "bsr":
-        if blocksize is None:
-            raise ValueError("layout 'bsr' needs a blocksize")
-        s = w.to_sparse_bsr((blocksize, blocksize))
-    else:
+    if layout not in ("csr", "bsr"):
         raise ValueError(f"unknown sparse layout {layout!r}; expected 'csr' or 'bsr'")
+    if layout == "bsr" and blocksize is None:
+        raise ValueError("layout 'bsr' needs a blocksize")
+    with warnings.catch_warnings():  # torch's "sparse CSR support is in beta" notice, once per process
+        warnings.filterwarnings("ignore", message="Sparse (CSR|BSR) tensor support is in beta")
+        s = w.to_sparse_csr() if layout == "csr" else w.to_sparse_bsr((blocksize, blocksize))
     return s.crow_indices().to(torch.int32), s.col_indices().to(torch.int32), s.values()
 
 
