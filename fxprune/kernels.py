@@ -241,7 +241,7 @@ def choose_kernels(
         note = f" (called {calls[name]} times; timed on the first call's input)" if calls.get(name, 0) > 1 else ""
         ratio = f"{times[best] / choice.dense_s:.2f}x (fastest samples {choice.candidates_min_s[best] / choice.dense_min_s:.2f}x)"
         if force:
-            choice.chosen, choice.reason = "csr", "forced" + note
+            choice.chosen, choice.reason = ("csr" if "csr" in times else best), "forced" + note
         elif wins:
             choice.chosen = best
             choice.reason = f"{best} {ratio} dense <= margin {margin}" + note
