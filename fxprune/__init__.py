@@ -14,6 +14,9 @@ from fxprune.prepare import TraceFallbackWarning, prepare
 from fxprune.pruner import Pruner
 from fxprune.report import PrepareReport, SparsityReport, sparsity_report
 from fxprune.sensitivity import SensitivityTable, sensitivity
+from fxprune.kernels import KernelChoice, choose_kernels, sparsify_kernels
+from fxprune.sparse_modules import SparseConv2d, SparseLinear
+from fxprune.speedup import SpeedupReport, speedup_report
 
 __all__ = [
     "prepare",
@@ -23,6 +26,13 @@ __all__ = [
     "calibrate",
     "sensitivity",
     "check_masks_consistent",
+    "sparsify_kernels",
+    "choose_kernels",
+    "speedup_report",
+    "KernelChoice",
+    "SpeedupReport",
+    "SparseLinear",
+    "SparseConv2d",
     "SensitivityTable",
     "Pruner",
     "PruningConfig",

@@ -38,6 +38,7 @@ def convert(
     inplace: bool = False,
     physical: bool = False,
     semi_structured: bool = False,
+    kernels: str = "dense",
     example_inputs: Any = None,
 ) -> nn.Module:
     """Return the pruned model as an instance of the original class.
@@ -57,7 +58,15 @@ def convert(
     ``semi_structured=True`` (CUDA only) stores the Linear weights of 2:4
     pruners as ``torch.sparse.to_sparse_semi_structured`` tensors for sparse
     tensor cores (see :mod:`fxprune.semi_structured`); without CUDA it raises.
+    ``kernels="auto"`` then times each Linear/Conv2d on ``example_inputs`` and
+    swaps in a sparse CSR/BSR module where that is measurably faster on this
+    CPU (:func:`fxprune.sparsify_kernels`); ``"dense"`` (default) swaps nothing.
     """
+    if kernels not in ("dense", "auto"):
+        raise ValueError(f"kernels must be 'dense' or 'auto', got {kernels!r}")
+    if kernels == "auto" and example_inputs is None:
+        raise TypeError("convert(kernels='auto') times each layer on example_inputs=; pass an input of the "
+                        "batch shape you will run")
     if not isinstance(prepared, PreparedGraphModule) or not isinstance(getattr(prepared, "pruner", None), Pruner):
         raise TypeError(f"convert() expects a model returned by fxprune.prepare(), got {type(prepared).__name__}")
     if any("_fsdp_sharded" in t.masked.__dict__ for t in prepared.pruner.targets):
@@ -113,6 +122,10 @@ def convert(
         plan = model.__dict__["_fxprune_channels"]
         shrink(root, plan, removed)
         _check_shrunk(prepared, root, plan, removed, example, reference, inplace)
+    if kernels == "auto":
+        from fxprune.kernels import sparsify_kernels
+
+        root = sparsify_kernels(root, example_inputs)
     return root
 
 

@@ -6,15 +6,20 @@ every stage.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
+from typing import Any, Mapping
 
+import torch
 from torch import nn
+
+from fxprune.errors import PruningError
 
 from fxprune.masked import MaskedParameter
 from fxprune.rewrite import original_parameter_order
 
 __all__ = ["ParameterSparsity", "SparsityReport", "sparsity_report", "PrepareReport", "ScheduleTable", "format_table",
-           "PRUNED_RECORD"]
+           "PRUNED_RECORD", "state_dict_sparsity", "checkpoint_sparsity"]
 
 
 def format_table(header: tuple[str, ...], rows: list[tuple[str, ...]], *, right: tuple[int, ...] = (),
@@ -229,6 +234,46 @@ class ScheduleTable(list):
         names = [k for k in self[0] if k != self.unit]
         body = [(str(r[self.unit]), *(f"{r[n]:.4f}" for n in names)) for r in self]
         return format_table((self.unit, *names), body, right=tuple(range(len(names) + 1)))
+
+
+def state_dict_sparsity(state_dict: Mapping[str, Any]) -> SparsityReport:
+    """Sparsity per floating-point tensor of a ``state_dict`` (integer buffers such as step counters are left
+    out); ``pruned`` is unknown (``None``), as for a plain model."""
+    rows = [
+        ParameterSparsity(name, tuple(t.shape), t.numel(), int((t == 0).sum()), None)
+        for name, t in state_dict.items()
+        if isinstance(t, torch.Tensor) and (t.is_floating_point() or t.is_complex())
+    ]
+    return SparsityReport(rows=tuple(rows))
+
+
+def checkpoint_sparsity(path: str | os.PathLike) -> SparsityReport:
+    """The sparsity table of a saved checkpoint: a ``torch.save``-d ``state_dict`` (or a dict holding one under
+    ``state_dict`` / ``model``), or a ``.safetensors`` file written by ``fxprune.save_sparse``.
+
+    ``torch.save`` files are read with ``weights_only=True``: no code in the file runs.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such file")
+    if path.endswith(".safetensors"):
+        import fxprune
+
+        load = getattr(fxprune, "load_sparse_state_dict", None)
+        if load is None:
+            raise PruningError(f"{path}: reading .safetensors needs fxprune.load_sparse_state_dict (fxprune.save_sparse)")
+        return state_dict_sparsity(load(path))
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle errors, non-tensor objects refused by weights_only, truncated files
+        raise PruningError(f"{path}: cannot read as a torch.save'd state_dict ({type(e).__name__}: "
+                           f"{' '.join(str(e).split())[:300]})") from None
+    for key in ("state_dict", "model"):
+        if isinstance(data, Mapping) and isinstance(data.get(key), Mapping):
+            data = data[key]
+    if not isinstance(data, Mapping) or not any(isinstance(v, torch.Tensor) for v in data.values()):
+        raise PruningError(f"{path}: holds no state_dict (a mapping of names to tensors)")
+    return state_dict_sparsity(data)
 
 
 @dataclass
