@@ -162,16 +162,16 @@ def decode_csr(
 
 
 def bitmask_nbytes(t: torch.Tensor, nnz: int, *, row_offsets: bool) -> int:
-    """Bytes of :func:`encode_bitmask`'s tensors for ``t`` with ``nnz`` kept elements."""
+    """Bytes of :func:`encode_bitmask`'s tensors for ``t`` with ``nnz`` kept elements (``shape`` aside)."""
     rows2d_shape = (1, t.numel()) if t.dim() < 2 else (t.shape[0], t.numel() // max(t.shape[0], 1))
     rows, cols = rows2d_shape
-    return nnz * t.element_size() + rows * math.ceil(cols / 8) + (8 * rows if row_offsets else 0) + 8 * t.dim()
+    return nnz * t.element_size() + rows * math.ceil(cols / 8) + (8 * rows if row_offsets else 0)
 
 
 def bitmask_24_nbytes(t: torch.Tensor) -> int:
-    """Bytes of :func:`encode_bitmask_24`'s tensors for a 2-D ``t``."""
+    """Bytes of :func:`encode_bitmask_24`'s tensors for a 2-D ``t`` (``shape`` aside)."""
     rows, cols = t.shape
-    return rows * cols // 2 * t.element_size() + rows * math.ceil(cols / 8) + 16
+    return rows * cols // 2 * t.element_size() + rows * math.ceil(cols / 8)
 
 
 def csr_nbytes(t: torch.Tensor, nnz: int) -> int:

@@ -75,7 +75,7 @@ def _compressor_api():
         raise ImportError(
             f"compressed-tensors {ct.__version__} no longer has its sparse compressors (removed in 0.15); "
             "fxprune's sparse Hugging Face export needs the last release that has them: "
-            "pip install 'fxprune[compressed]' (compressed-tensors>=0.12.2,<0.14)"
+            "pip install 'fxprune[compressed]' (compressed-tensors>=0.13,<0.14)"
         )
     config = require("compressed_tensors.config")
     return compressors, config
