@@ -86,6 +86,14 @@ def unpack_bits(packed: torch.Tensor, cols: int) -> torch.Tensor:
     return torch.from_numpy(bits.view(bool))
 
 
+def _zeros(numel: int, dtype: torch.dtype) -> torch.Tensor:
+    """A zeroed 1-D tensor from calloc'd memory: the kernel hands out zeroed pages, so there is no
+    separate zeroing pass (on CPU ``torch.zeros`` of a large tensor costs as much as the decoding)."""
+    import numpy
+
+    return torch.from_numpy(numpy.zeros(numel * dtype.itemsize, numpy.uint8)).view(dtype)
+
+
 def encode_bitmask(t: torch.Tensor, *, row_offsets: bool = True) -> dict[str, torch.Tensor]:
     """Encode ``t`` in the ``sparse-bitmask`` layout (see the module docstring)."""
     rows2d = _rows(t.detach())
@@ -103,7 +111,7 @@ def decode_bitmask(compressed: torch.Tensor, bitmask: torch.Tensor, shape: list[
     shape = [int(s) for s in shape]
     rows = shape[0] if len(shape) >= 2 else 1
     cols = math.prod(shape) // rows if rows else 0
-    dense = torch.zeros(rows, cols, dtype=compressed.dtype)
+    dense = _zeros(rows * cols, compressed.dtype).reshape(rows, cols)
     if dense.numel():
         dense.masked_scatter_(unpack_bits(bitmask, cols), compressed.reshape(-1))
     return dense.reshape(shape)
@@ -150,7 +158,7 @@ def decode_csr(
     shape = [int(s) for s in shape]
     rows = shape[0] if len(shape) >= 2 else 1
     cols = math.prod(shape) // rows if rows else 0
-    dense = torch.zeros(rows * cols, dtype=values.dtype)
+    dense = _zeros(rows * cols, values.dtype)
     counts = crow_indices.to(torch.int64).diff()
     row_ids = torch.repeat_interleave(torch.arange(rows, dtype=torch.int64), counts)
     dense[row_ids * cols + col_indices.to(torch.int64)] = values
