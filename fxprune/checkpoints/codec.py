@@ -55,8 +55,8 @@ BITMASK_24_PARTS = ("compressed", "bitmask", "shape")
 CSR_PARTS = ("values", "crow_indices", "col_indices")
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
-    """The tensor as ``[rows, cols]`` (a 0-d or 1-D tensor is one row)."""
-    return t.reshape(1, -1) if t.dim() < 2 else t.reshape(t.shape[0], -1)
+    """The tensor as a contiguous ``[rows, cols]`` (a 0-d or 1-D tensor is one row)."""
+    return (t.reshape(1, -1) if t.dim() < 2 else t.reshape(t.shape[0], -1)).contiguous()
 
 
 def kept(t: torch.Tensor) -> torch.Tensor:
@@ -75,7 +75,7 @@ def pack_bits(mask: torch.Tensor) -> torch.Tensor:
     """``[rows, cols]`` bool -> uint8 ``[rows, ceil(cols / 8)]``, little-endian bit order."""
     import numpy  # lazily: numpy comes with the 'compressed' extra
 
-    return torch.from_numpy(numpy.packbits(mask.numpy(), axis=-1, bitorder="little"))
+    return torch.from_numpy(numpy.packbits(mask.contiguous().numpy(), axis=-1, bitorder="little"))
 
 
 def unpack_bits(packed: torch.Tensor, cols: int) -> torch.Tensor:
@@ -91,6 +91,8 @@ def _zeros(numel: int, dtype: torch.dtype) -> torch.Tensor:
     separate zeroing pass (on CPU ``torch.zeros`` of a large tensor costs as much as the decoding)."""
     import numpy
 
+    if numel == 0:
+        return torch.empty(0, dtype=dtype)
     return torch.from_numpy(numpy.zeros(numel * dtype.itemsize, numpy.uint8)).view(dtype)
 
 
