@@ -41,7 +41,7 @@ from torch import nn
 from fxprune.checkpoints import codec
 from fxprune.checkpoints.extras import require
 from fxprune.checkpoints.sparse_file import (
-    _storage_key,
+    storage_key,
     check_loadable,
     check_not_prepared,
     load_sparse_state_dict,
@@ -85,7 +85,7 @@ def _targets(model: nn.Module, state: dict[str, torch.Tensor]) -> list[tuple[str
     """Linear-like modules whose weight compressed-tensors' 2-D sparse formats can hold."""
     shared: dict[tuple, int] = {}
     for t in state.values():
-        shared[_storage_key(t)] = shared.get(_storage_key(t), 0) + 1
+        shared[storage_key(t)] = shared.get(storage_key(t), 0) + 1
     out = []
     for name, m in model.named_modules():
         if not (isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D"):
@@ -93,7 +93,7 @@ def _targets(model: nn.Module, state: dict[str, torch.Tensor]) -> list[tuple[str
         w = state.get(f"{name}.weight")
         if w is None or w.dim() != 2 or not w.is_floating_point() or w.element_size() < 2 or w.numel() == 0:
             continue
-        if shared[_storage_key(w)] > 1:
+        if shared[storage_key(w)] > 1:
             continue  # tied (e.g. lm_head and the embedding): save_pretrained stores it once, dense
         out.append((name, m))
     return out
@@ -119,8 +119,8 @@ def _plan(model: nn.Module, state: dict[str, torch.Tensor]) -> tuple[str, dict[s
 def _global_sparsity(state: dict[str, torch.Tensor]) -> float:
     seen, zeros, total = set(), 0, 0
     for t in state.values():
-        if t.is_floating_point() and _storage_key(t) not in seen:
-            seen.add(_storage_key(t))
+        if t.is_floating_point() and storage_key(t) not in seen:
+            seen.add(storage_key(t))
             zeros += int((t == 0).sum())
             total += t.numel()
     return zeros / total if total else 0.0
@@ -270,8 +270,10 @@ def load_pretrained(directory: str | os.PathLike, model: nn.Module | None = None
         if not names or not hasattr(transformers, names[0]):
             raise PruningError(f"{directory}/config.json names no transformers architecture; pass model_class=")
         model_class = getattr(transformers, names[0])
-    floating = [t.dtype for t in state.values() if t.is_floating_point()]
-    from_pretrained_kwargs.setdefault("dtype", floating[0] if floating else None)
+    if "dtype" not in from_pretrained_kwargs:  # the saved model's dtype, not transformers' float32 default
+        saved = getattr(config, "dtype", None)
+        floating = [t.dtype for t in state.values() if t.is_floating_point()]
+        from_pretrained_kwargs["dtype"] = saved if saved is not None else (floating[0] if floating else None)
     loaded = model_class.from_pretrained(None, config=config, state_dict=state, **from_pretrained_kwargs)
     if os.path.isfile(os.path.join(directory, "generation_config.json")):
         loaded.generation_config = transformers.GenerationConfig.from_pretrained(directory)

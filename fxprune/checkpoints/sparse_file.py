@@ -24,7 +24,15 @@ from fxprune.checkpoints import codec
 from fxprune.checkpoints.extras import require
 from fxprune.errors import PruningError
 
-__all__ = ["save_sparse", "load_sparse", "load_sparse_state_dict", "write_state_dict", "check_not_prepared"]
+__all__ = [
+    "save_sparse",
+    "load_sparse",
+    "load_sparse_state_dict",
+    "write_state_dict",
+    "check_not_prepared",
+    "check_loadable",
+    "storage_key",
+]
 
 FORMAT = "fxprune-sparse"
 VERSION = 1
@@ -42,7 +50,8 @@ def check_not_prepared(model: nn.Module, action: str) -> None:
         )
 
 
-def _storage_key(t: torch.Tensor) -> tuple:
+def storage_key(t: torch.Tensor) -> tuple:
+    """Identity of a tensor's memory and view: state_dict entries with equal keys are one tied tensor."""
     if t.device.type == "meta":
         raise PruningError("cannot save a tensor on the meta device: load the model's weights first")
     return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
@@ -97,7 +106,7 @@ def write_state_dict(
         if not isinstance(t, torch.Tensor):
             raise PruningError(f"{name}: state_dict value is a {type(t).__name__}, not a tensor")
         entry = {"name": name, "dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape)}
-        key = _storage_key(t)
+        key = storage_key(t)
         if key in first_of:
             entry.update(layout="tied", tied_to=first_of[key])
             entries.append(entry)
