@@ -275,7 +275,7 @@ class WeightInputObserver:
         for t in results:
             entry = self._entry_of(t) if _storage(t) else None
             if entry is not None:
-                if not entry.alive is _always:  # a view keeps a followed copy's memory alive: follow it too
+                if entry.alive is not _always:  # a view keeps a followed copy's memory alive: follow it too
                     self._add(t, entry.locate(t), strong=False)
                 continue
             if source is not None and name in _COPY_OPS and t.shape == source.shape:
@@ -284,8 +284,9 @@ class WeightInputObserver:
                 self._add(t, _gathered(name, args, kwargs, hits[id(source)][1]), strong=False)
             else:
                 alias = next(iter(hits.values()))[1]
-                raise unattributable(alias, name, "the op computes a new tensor from the weight before it is "
-                                                  "multiplied, and the observer cannot follow that op")
+                raise unattributable(alias, name, "an op the observer does not know computes a new tensor from "
+                                                  "it (only views, copies, casts and expert gathers of a weight "
+                                                  "are followed to the ops that multiply it)")
 
 
 def _always() -> bool:

@@ -27,7 +27,7 @@ import torch
 from fxprune.errors import PruningError
 from fxprune.weight_read import WeightRead, conv_read, matmul_read
 
-__all__ = ["Alias", "Gathered", "READ_OPS", "UNATTRIBUTABLE", "unattributable"]
+__all__ = ["Alias", "Gathered", "READ_OPS", "UNATTRIBUTABLE", "UnattributableRead", "unattributable"]
 
 
 @dataclass(frozen=True)
@@ -69,11 +69,20 @@ UNATTRIBUTABLE = {
 }
 
 
-def unattributable(alias: Alias, op: str, why: str) -> PruningError:
-    return PruningError(
-        f"weight {alias.name!r} is read by {op!r}: {why}; fxprune cannot tell which input vectors it multiplies "
-        "(exclude the weight from the pruner that needs calibration statistics)"
-    )
+class UnattributableRead(PruningError):
+    """A watched weight is read in a way whose input vectors cannot be told; ``weight``, ``op`` and ``detail`` say how."""
+
+    def __init__(self, weight: str, op: str, why: str):
+        self.weight, self.op = weight, op
+        self.detail = f"is read by {op!r}: {why}"
+        super().__init__(
+            f"weight {weight!r} {self.detail}; fxprune cannot tell which input vectors it multiplies "
+            "(exclude the weight from the pruner that needs calibration statistics)"
+        )
+
+
+def unattributable(alias: Alias, op: str, why: str) -> UnattributableRead:
+    return UnattributableRead(alias.name, op, why)
 
 
 def _arg(args: tuple, kwargs: dict, i: int, *keys: str, default: Any = None) -> Any:

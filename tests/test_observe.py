@@ -15,6 +15,15 @@ from torch import nn
 from fxprune import PruningError
 from fxprune.observe import WeightInputObserver, WeightRead
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models on a shared machine: intra-op threads only contend with each other."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 SETTINGS = settings(max_examples=25, deadline=None)
 dims = st.integers(1, 6)
 
