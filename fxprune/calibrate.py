@@ -122,8 +122,9 @@ def calibrate(
         raise PruningError(
             "calibrate(): the batches never reached the layer(s) reading "
             + ", ".join(repr(n) for n in unseen)
-            + " (an empty batch list, a branch the inputs do not take, or a leaf module that reads the weight "
-            "without calling its layer); exclude these weights from the wanda pruner or use other batches"
+            + " (an empty batch list, a branch the inputs do not take, or a kernel outside torch -- a C++/CUDA "
+            "extension -- that reads the weight unseen); exclude these weights from the wanda pruner or use other "
+            "batches"
         )
     idle = {n: (s.rows == 0).nonzero().reshape(-1).tolist() for n, s in fresh.items() if s.per_expert}
     idle = {n: e for n, e in idle.items() if e}

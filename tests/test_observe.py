@@ -195,6 +195,24 @@ def test_expert_reads_are_exactly_the_routed_tokens(experts, out, inp, tokens, s
         torch.testing.assert_close(torch.cat([_rebuilt(r, w) for r in rs]), outs[e])
 
 
+@pytest.mark.parametrize("transposed", [True, False])
+def test_all_experts_in_one_bmm_llama4_style(transposed):
+    """Llama4: tokens viewed [E, T, in] and bmm with the whole [E, in, out] parameter (or W @ x for [E, out, in])."""
+    g = _gen(1)
+    w = torch.randn(3, 4, 5, generator=g, dtype=torch.float64)  # [E, in, out] if transposed else [E, out=4, in=5]
+    xs = torch.randn(3, 6, 4 if transposed else 5, generator=g, dtype=torch.float64)
+    if transposed:
+        y, reads = _observe({"w": w}, lambda: torch.bmm(xs, w))
+        outs = list(y)
+    else:
+        y, reads = _observe({"w": w}, lambda: torch.bmm(w, xs.transpose(1, 2)))
+        outs = list(y.transpose(1, 2))
+    assert [r.expert for r in reads] == [0, 1, 2]
+    for r in reads:
+        assert torch.equal(r.rows(), xs[r.expert])
+        torch.testing.assert_close(_rebuilt(r, w), outs[r.expert])
+
+
 def _grouped_reference(x, w, offs):
     start, outs = 0, []
     for g, end in enumerate(offs.tolist()):

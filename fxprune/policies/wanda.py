@@ -54,7 +54,7 @@ from fxprune.policies.base import Policy, PolicyNotReady, PolicyState
 if TYPE_CHECKING:
     from fxprune.weight_read import WeightRead
 
-__all__ = ["WandaPolicy", "WandaState", "wanda_importance", "row_ranks"]
+__all__ = ["WandaPolicy", "WandaState", "wanda_importance", "importance_from", "row_ranks"]
 
 
 class WandaState(PolicyState):
@@ -183,9 +183,14 @@ def wanda_importance(masked: MaskedParameter) -> torch.Tensor:
             f"wanda has no activation statistics for expert(s) {unseen} of this stacked-experts weight (no "
             "calibration token was routed to them): calibrate with more batches or exclude the weight"
         )
-    w = masked.param.detach()
+    return importance_from(masked.param, state.sq_sum)
+
+
+def importance_from(weight: torch.Tensor, sq_sum: torch.Tensor) -> torch.Tensor:
+    """``|W| * sqrt(sq_sum)``, with ``sq_sum`` broadcast against ``weight`` (float32, float64 for float64)."""
+    w = weight.detach()
     dtype = torch.float64 if w.dtype == torch.float64 else torch.float32
-    return w.abs().to(dtype) * state.sq_sum.sqrt().to(dtype)
+    return w.abs().to(dtype) * sq_sum.sqrt().to(dtype)
 
 
 def row_ranks(importance: torch.Tensor, out_dim: int, mask: torch.Tensor,
