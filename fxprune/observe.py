@@ -249,6 +249,9 @@ class WeightInputObserver:
         handler = READ_OPS.get(name)
         if handler is not None:
             reads = handler(name, args, kwargs, lambda t: hits.get(id(t), (None, None))[1])
+            if reads is None:  # the watched tensor is in an argument the handler does not read (out=, ...)
+                raise unattributable(next(iter(hits.values()))[1], name, "it is passed in an argument that is "
+                                     "neither the multiplied weight nor its input")
             for read in reads:
                 self.rows_seen[read.name] = self.rows_seen.get(read.name, 0) + read.n_rows
                 self.on_read(read)
@@ -272,7 +275,10 @@ class WeightInputObserver:
         if name == "copy_" and len(args) > 1 and id(args[1]) in hits:
             self._add(args[0], hits[id(args[1])][1], strong=False)  # buf.copy_(W): buf now holds W
             return
+        inputs = {id(a) for _, a in _tensor_args(args, kwargs)}
         for t in results:
+            if id(t) in inputs:
+                continue  # an in-place op returning its input (W.requires_grad_()): nothing new
             entry = self._entry_of(t) if _storage(t) else None
             if entry is not None:
                 if entry.alive is not _always:  # a view keeps a followed copy's memory alive: follow it too

@@ -199,14 +199,14 @@ def _two_operands(op: str, a: Any, b: Any, alias_of: AliasOf, alpha: float = 1.0
         return _matmul_reads(op, wa, a, b, "left", alpha)
     if wb is not None:
         return _matmul_reads(op, wb, b, a, "right", alpha)
-    return []
+    return None
 
 
 def _linear(op, args, kwargs, alias_of):
     x, w, b = _arg(args, kwargs, 0, "input"), _arg(args, kwargs, 1, "weight"), _arg(args, kwargs, 2, "bias")
     _not_weights(op, alias_of, input=x, bias=b)
     alias = alias_of(w)
-    return [] if alias is None else _matmul_reads(op, alias, w, x, "linear")
+    return None if alias is None else _matmul_reads(op, alias, w, x, "linear")
 
 
 def _product(op, args, kwargs, alias_of):
@@ -234,7 +234,7 @@ def _grouped(op, args, kwargs, alias_of):
     _not_weights(op, alias_of, input=x, offsets=offs, bias=bias)
     alias = alias_of(w) if isinstance(w, torch.Tensor) else None
     if alias is None:
-        return []
+        return None
     _check(alias, op)
     if x.dim() != 2 or w.dim() != 3 or offs is None:
         raise unattributable(alias, op, "only the 2-D input x 3-D weight form with offsets is understood")
@@ -256,7 +256,7 @@ def _conv(op, args, kwargs, alias_of):
     _not_weights(op, alias_of, input=x, bias=b)
     alias = alias_of(w)
     if alias is None:
-        return []
+        return None
     _check(alias, op)
     whole = tuple(w.shape) == tuple(alias.root_shape) and not alias.selected and all(
         alias.dims[d] == d for d in range(w.dim()) if w.shape[d] > 1)
@@ -268,7 +268,8 @@ def _conv(op, args, kwargs, alias_of):
     return [conv_read(alias.name, op, x, w.shape, stride, padding, dilation, int(groups))]
 
 
-Handler = Callable[[str, tuple, dict, AliasOf], "list[WeightRead]"]
+#: A handler returns the reads of one call, or None when its weight argument is not a watched weight.
+Handler = Callable[[str, tuple, dict, AliasOf], "list[WeightRead] | None"]
 
 #: op name (as :func:`fxprune.observe.op_name` spells it) -> handler.
 READ_OPS: dict[str, Handler] = {
