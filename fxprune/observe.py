@@ -215,18 +215,16 @@ class WeightInputObserver:
 
     # ------------------------------------------------------------------ lookup
     def _alias(self, t: torch.Tensor) -> Alias | None:
-        bucket = self._entries.get(_storage(t)) if t.numel() else None
+        """Where ``t`` sits in a watched weight, or None if it does not share a watched weight's memory."""
+        entry = self._entry_of(t)
+        return None if entry is None else entry.locate(t)
+
+    def _entry_of(self, t: torch.Tensor) -> _Entry | None:
+        bucket = self._entries.get(_storage(t)) if self._entries and t.numel() else None
         if not bucket:
             return None
         lo, hi = _span(t)
         for entry in bucket:
-            if entry.alive() and entry.lo <= lo and hi <= entry.hi:
-                return entry.locate(t)
-        return None
-
-    def _entry_of(self, t: torch.Tensor) -> _Entry | None:
-        lo, hi = _span(t)
-        for entry in self._entries.get(_storage(t), ()):
             if entry.alive() and entry.lo <= lo and hi <= entry.hi:
                 return entry
         return None
@@ -272,14 +270,14 @@ class WeightInputObserver:
         if name in _AS_OPS and 0 not in positions:
             return  # x.expand_as(W): W gives only a shape
         source = args[0] if args and isinstance(args[0], torch.Tensor) and id(args[0]) in hits else None
-        if name == "copy_" and len(args) > 1 and id(args[1]) in hits:
-            self._add(args[0], hits[id(args[1])][1], strong=False)  # buf.copy_(W): buf now holds W
-            return
         inputs = {id(a) for _, a in _tensor_args(args, kwargs)}
         for t in results:
-            if id(t) in inputs:
-                continue  # an in-place op returning its input (W.requires_grad_()): nothing new
-            entry = self._entry_of(t) if _storage(t) else None
+            if id(t) in hits:
+                continue  # an in-place op returning the weight itself (W.requires_grad_()): nothing new
+            if id(t) in inputs:  # buf.copy_(W), torch.add(W, 1, out=buf): the weight's data went elsewhere
+                raise unattributable(next(iter(hits.values()))[1], name, "its data is written into another "
+                                     "tensor (copy_, out=), which the observer cannot follow")
+            entry = self._entry_of(t)
             if entry is not None:
                 if entry.alive is not _always:  # a view keeps a followed copy's memory alive: follow it too
                     self._add(t, entry.locate(t), strong=False)

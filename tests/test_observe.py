@@ -272,7 +272,8 @@ def test_metadata_is_not_a_read_and_unused_weights_count_zero():
     (lambda w: F.linear(torch.randn(2, 3), torch.randn(4, 3), w[0]), "linear"),
     (lambda w: torch.mm(torch.randn(3, 2), torch.randn(2, 4), out=w), "mm"),
     (lambda w: torch.cat([w, w]), "cat"),
-], ids=["embedding", "elementwise", "as-input", "slice", "merged-view", "as-bias", "out-argument", "cat"])
+    (lambda w: torch.empty(3, 4).copy_(w), "copy_"),
+], ids=["embedding", "elementwise", "as-input", "slice", "merged-view", "as-bias", "out-argument", "cat", "copy_"])
 def test_reads_that_cannot_be_attributed_name_the_weight_and_op(fn, op):
     w = torch.randn(3, 4)
     with pytest.raises(PruningError, match=rf"weight 'w' is read by '{op}'"):
