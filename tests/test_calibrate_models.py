@@ -15,8 +15,10 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings, strategies as st
 
 import fxprune
+from fxprune.policies.wanda import row_ranks
 
 transformers = pytest.importorskip("transformers")
 T = transformers
@@ -228,3 +230,22 @@ def test_an_expert_no_token_reached_is_an_error_naming_it():
     with pytest.raises(fxprune.PruningError, match=rf"expert\(s\) \[3\] of '{name}'"):
         fxprune.calibrate(prepared, _batches())
     assert prepared.get_submodule(name).wanda.seen() == before  # nothing was written
+
+
+@settings(max_examples=20, deadline=None)
+@given(experts=st.integers(1, 3), out=st.integers(1, 4), inp=st.integers(1, 5), transposed=st.booleans(),
+       seed=st.integers(0, 999))
+def test_per_expert_row_ranks_match_a_per_row_oracle(experts, out, inp, transposed, seed):
+    g = torch.Generator().manual_seed(seed)
+    shape = (experts, inp, out) if transposed else (experts, out, inp)
+    out_dim = 2 if transposed else 1
+    importance = torch.randn(shape, generator=g)
+    mask = torch.rand(shape, generator=g) > 0.3
+    ranks = row_ranks(importance, out_dim, mask, expert_dim=0)
+    for e in range(experts):
+        for o in range(out):
+            row = importance[e].select(out_dim - 1, o).clone()
+            row[~mask[e].select(out_dim - 1, o)] = -float("inf")  # pruned entries rank lowest
+            expected = torch.empty(inp)
+            expected[torch.argsort(row, stable=True)] = torch.arange(inp, dtype=torch.float32) / inp
+            assert torch.equal(ranks[e].select(out_dim - 1, o), expected)
