@@ -135,14 +135,14 @@ def calibrate(
             + ": Wanda would prune them blind; calibrate with more (or more varied) batches, or exclude these "
             "weights from the wanda pruner"
         )
+    for t in targets if not reset else ():
+        problem = t.masked.wanda.merge_problem(fresh[t.name])
+        if problem:
+            raise PruningError(f"calibrate(): weight {t.name!r}: {problem}; pass reset=True to start over")
     for t in targets:
-        state: WandaState = t.masked.wanda
-        try:
-            if reset:
-                state.reset()
-            state.merge(fresh[t.name])
-        except ValueError as e:
-            raise PruningError(f"calibrate(): weight {t.name!r}: {e}; pass reset=True to start over") from None
+        if reset:
+            t.masked.wanda.reset()
+        t.masked.wanda.merge(fresh[t.name])
     return {t.name: t.masked.wanda.seen() for t in targets}
 
 

@@ -135,9 +135,23 @@ class WandaState(PolicyState):
         layout[read.in_dim - shift] = expert_shape[read.in_dim - shift]
         self.record(sq.reshape(layout), read.n_rows, read.out_dim, where, read.expert, shape[0])
 
+    def merge_problem(self, other: "WandaState") -> str | None:
+        """Why ``other`` cannot be added to these statistics (a different layout), or None."""
+        if other.seen() == 0 or self.seen() == 0:
+            return None
+        if (self.sq_sum.shape != other.sq_sum.shape or self.rows.shape != other.rows.shape
+                or int(self.out_dim) != int(other.out_dim)):
+            return (f"the new calibration has a different layout ({tuple(other.sq_sum.shape)}, output dim "
+                    f"{int(other.out_dim)}) than the statistics already recorded ({tuple(self.sq_sum.shape)}, "
+                    f"output dim {int(self.out_dim)})")
+        return None
+
     @torch.no_grad()
     def merge(self, other: "WandaState") -> None:
-        """Add the statistics recorded in ``other`` (same layout) to these."""
+        """Add the statistics recorded in ``other`` (same layout, see :meth:`merge_problem`) to these."""
+        problem = self.merge_problem(other)
+        if problem:
+            raise ValueError(problem)
         if other.seen() == 0:
             return
         if self.seen() == 0:
@@ -145,13 +159,6 @@ class WandaState(PolicyState):
             self.rows = other.rows.to(self.rows.device).clone()
             self.out_dim.fill_(int(other.out_dim))
             return
-        if (self.sq_sum.shape != other.sq_sum.shape or self.rows.shape != other.rows.shape
-                or int(self.out_dim) != int(other.out_dim)):
-            raise ValueError(
-                f"the new calibration has a different layout ({tuple(other.sq_sum.shape)}, output dim "
-                f"{int(other.out_dim)}) than the statistics already recorded ({tuple(self.sq_sum.shape)}, "
-                f"output dim {int(self.out_dim)})"
-            )
         self.sq_sum.add_(other.sq_sum.to(self.sq_sum.device))
         self.rows += other.rows.to(self.rows.device)
 
