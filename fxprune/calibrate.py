@@ -1,25 +1,26 @@
 """calibrate(): record what flows into each pruned weight, for activation-aware policies (Wanda).
 
 Wanda scores ``W[i, j]`` by ``|W[i, j]| * ||X_j||_2``, so it needs, for every
-weight it prunes, the L2 norm of each input feature of the operation that
-consumes that weight. Where that operation is depends on how the weight is
-masked (see :mod:`fxprune.rewrite`):
-
-- *graph route*: the masked-parameter node feeds a ``linear`` or ``convNd``
-  call in an fx graph (the root's, or that of a child traced on its own when
-  the root could not be). A forward hook on the ``MaskedParameter`` remembers
-  the effective-weight tensor it returns, and a ``TorchFunctionMode`` records
-  the input of the linear/conv call that receives that very tensor. Neither
-  the graph nor the generated code is touched.
-- *module route*: the weight is read inside a leaf module (a Hugging Face
-  model whose root ``forward`` is untraceable is one leaf). A forward pre-hook
-  on the owning ``nn.Linear``, ``nn.Conv1d/2d/3d`` or Hugging Face ``Conv1D``
-  sees the input; the hooks are removed afterwards.
+weight it prunes, the L2 norm of each input feature of the operations that
+multiply that weight. Those operations are found by
+:class:`fxprune.observe.WeightInputObserver`, the one implementation of "what
+did this weight multiply" that the one-shot path uses too: it watches the
+torch functions the model calls, whatever reads the weight -- ``nn.Linear`` /
+``F.linear``, Hugging Face ``Conv1D``'s ``addmm``, ``x @ W.T`` (Falcon),
+``W @ x`` (Mamba's ``dt_proj``), convolutions with the kernel or a view of it
+(Mamba's ``conv1d``), one expert ``experts[e]`` of a stacked-experts parameter
+or ``bmm`` / grouped mm over all of them (transformers 5 MoE models: the
+statistics are per expert). A prepared model reads the *effective* weight a
+``MaskedParameter`` returns; a forward hook on each one hands that tensor to
+the observer as it is produced. Neither the graph nor the generated code is
+touched, and no hook or mode stays after the call.
 
 A weight whose input cannot be attributed to its features (an embedding
-lookup, a weight read by a Python-level leaf such as ``nn.MultiheadAttention``,
-a weight never reached by the batches) is an error naming it: Wanda would
-otherwise silently prune it blind.
+lookup, a weight transformed before it is multiplied, a weight passed to an op
+the observer does not know such as ``nn.MultiheadAttention``'s fused
+function, a weight -- or an expert -- never reached by the batches) is an
+error naming it: Wanda would otherwise silently prune it blind. Statistics are
+written only when the whole calibration succeeded.
 
 Typical one-shot use (``schedule: oneshot`` at ``start_epoch: 0``)::
 
@@ -36,23 +37,17 @@ from typing import Any, Callable, Iterable, Mapping
 
 import torch
 import torch.fx as fx
-import torch.nn.functional as F
 from torch import nn
-from torch.overrides import TorchFunctionMode
 
 from fxprune.errors import PruningError
 from fxprune.graph_module import PreparedGraphModule
-from fxprune.policies.wanda import WandaState, feature_sq_sums
+from fxprune.observe import WeightInputObserver, WeightRead, op_name
+from fxprune.policies.wanda import WandaState
 from fxprune.pruner import Pruner
+from fxprune.read_ops import UNATTRIBUTABLE, UnattributableRead
 from fxprune.rewrite import InstalledTarget
 
 __all__ = ["calibrate"]
-
-_CONV_FNS = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3}
-# Reads of a weight that do not compute with it (shape queries): nothing to observe.
-_METADATA_METHODS = {"size", "dim", "numel"}
-_METADATA_ATTRS = {"shape", "dtype", "device", "ndim", "is_cuda"}
-
 
 
 def calibrate(
@@ -94,23 +89,22 @@ def calibrate(
                 "recording does not support; calibrate the prepared model before fully_shard (the statistics "
                 "stay in its state dict; the masks are computed from rank 0's, which every rank then takes)"
             )
-    _check_graph_consumers(prepared, targets)
-    hooks = _module_recorders(targets)
-    if reset:
-        for t in targets:
-            t.masked.wanda.reset()
+    _check_before_running(prepared, targets)
+    by_name = {t.name: t for t in targets}
+    fresh = {t.name: WandaState() for t in targets}  # written into the model only if everything succeeds
 
-    # Graph-route weights (in the root graph or in a child traced on its own) are seen where the
-    # effective weight a MaskedParameter just returned is passed to a linear/conv call.
-    live: dict[int, tuple[InstalledTarget, torch.Tensor]] = {}
-    handles = [module.register_forward_pre_hook(fn, with_kwargs=True) for module, fn in hooks]
-    handles += [
-        t.masked.register_forward_hook(_remember_output(t, live)) for t in targets if t.route.startswith("graph")
-    ]
+    def on_read(read: WeightRead) -> None:
+        try:
+            fresh[read.name].record_read(read, where=f"{read.op!r} call")
+        except ValueError as e:
+            raise PruningError(f"calibrate(): weight {read.name!r}: {e}") from None
+
+    observer = WeightInputObserver(prepared, {}, on_read)
+    handles = [t.masked.register_forward_hook(_hand_to(observer, t.name)) for t in targets]
     was_training = prepared.training
     try:
         prepared.eval()
-        with torch.no_grad(), _WeightInputs(live):
+        with torch.no_grad(), observer:
             for batch in batches:
                 if forward is not None:
                     forward(prepared, batch)
@@ -120,134 +114,76 @@ def calibrate(
                     prepared(*batch)
                 else:
                     prepared(batch)
-                live.clear()
+    except UnattributableRead as e:
+        if e.weight not in by_name:
+            raise
+        raise PruningError(
+            f"calibrate(): cannot observe the input of weight {e.weight!r} ({_owners(by_name[e.weight])}): it "
+            f"{e.detail}, and fxprune cannot tell which input features it multiplies; exclude it from the wanda "
+            "pruner"
+        ) from None
     finally:
-        live.clear()
         for h in handles:
             h.remove()
         prepared.train(was_training)
 
-    unseen = [t.name for t in targets if int(t.masked.wanda.rows) == 0]
+    unseen = [t.name for t in targets if fresh[t.name].seen() == 0]
     if unseen:
         raise PruningError(
             "calibrate(): the batches never reached the layer(s) reading "
             + ", ".join(repr(n) for n in unseen)
-            + " (an empty batch list, a branch the inputs do not take, or a leaf module that reads the weight "
-            "without calling its layer); exclude these weights from the wanda pruner or use other batches"
+            + " (an empty batch list, a branch the inputs do not take, or a kernel outside torch -- a C++/CUDA "
+            "extension -- that reads the weight unseen); exclude these weights from the wanda pruner or use other "
+            "batches"
         )
-    return {t.name: int(t.masked.wanda.rows) for t in targets}
+    idle = {n: (s.rows == 0).nonzero().reshape(-1).tolist() for n, s in fresh.items() if s.per_expert}
+    idle = {n: e for n, e in idle.items() if e}
+    if idle:
+        raise PruningError(
+            "calibrate(): no calibration token was routed to "
+            + "; ".join(f"expert(s) {e} of {n!r}" for n, e in idle.items())
+            + ": Wanda would prune them blind; calibrate with more (or more varied) batches, or exclude these "
+            "weights from the wanda pruner"
+        )
+    for t in targets if not reset else ():
+        problem = t.masked.wanda.merge_problem(fresh[t.name])
+        if problem:
+            raise PruningError(f"calibrate(): weight {t.name!r}: {problem}; pass reset=True to start over")
+    for t in targets:
+        if reset:
+            t.masked.wanda.reset()
+        t.masked.wanda.merge(fresh[t.name])
+    return {t.name: t.masked.wanda.seen() for t in targets}
 
 
-# ----------------------------------------------------------------- graph route
-def _check_graph_consumers(gm: fx.GraphModule, targets: list[InstalledTarget]) -> None:
-    """Fail before running when the root graph uses a wanda weight in a way whose input is not its features."""
-    by_name = {t.name: t for t in targets if t.route.startswith("graph")}
-    for node in gm.graph.nodes:
-        if node.op != "call_module" or node.target not in by_name:
-            continue
-        t = by_name[node.target]
-        for user in node.users:
-            if user.op == "call_method" and user.target in _METADATA_METHODS:
-                continue
-            if user.op == "call_function" and user.target is getattr and user.args[1] in _METADATA_ATTRS:
-                continue
-            fn = user.target if user.op == "call_function" else None
-            if fn is F.linear or fn in _CONV_FNS:
-                weight_arg = user.args[1] if len(user.args) > 1 else user.kwargs.get("weight")
-                if weight_arg is node:
-                    continue
-            raise PruningError(
-                f"calibrate(): cannot observe the input of weight {t.name!r}: it is used by graph node "
-                f"{user.format_node()}, and only the weight argument of linear and conv1d/2d/3d calls has "
-                "inputs that map to its features (embeddings, matmuls and transformed weights do not); "
-                "exclude it from the wanda pruner"
-            )
-
-
-def _remember_output(t: InstalledTarget, live: dict[int, tuple[InstalledTarget, torch.Tensor]]) -> Callable:
-    """Forward hook of a MaskedParameter: remember the effective-weight tensor it returned (by identity)."""
+def _hand_to(observer: WeightInputObserver, name: str) -> Callable:
+    """Forward hook of a MaskedParameter: the effective weight it returned now stands for ``name``."""
 
     def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-        live[id(output)] = (t, output)  # the reference keeps the id from being reused within the batch
+        observer.watch(name, output)
 
     return hook
 
 
-class _WeightInputs(TorchFunctionMode):
-    """Sees every linear/conv call; records the input of those whose weight is a remembered effective weight."""
-
-    def __init__(self, live: dict[int, tuple[InstalledTarget, torch.Tensor]]):
-        super().__init__()
-        self.live = live
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if self.live and (func is F.linear or func in _CONV_FNS):
-            weight = args[1] if len(args) > 1 else kwargs.get("weight")
-            hit = self.live.get(id(weight))
-            if hit is not None and hit[1] is weight:
-                t = hit[0]
-                x = args[0] if args else kwargs["input"]
-                kind = "linear" if func is F.linear else "conv"
-                groups = (args[6] if len(args) > 6 else kwargs.get("groups", 1)) if kind == "conv" else 1
-                _record(t, kind, x, t.masked.param.shape, groups, f"{func.__name__} call")
-        return func(*args, **kwargs)
+def _owners(t: InstalledTarget) -> str:
+    return ", ".join(f"attribute {attr!r} of {type(owner).__name__}" for owner, attr in t.owners) or "no owner"
 
 
-# ---------------------------------------------------------------- module route
-def _layer_kind(module: nn.Module) -> str | None:
-    """The consumer kind of a layer whose ``weight`` multiplies its input's features, or None."""
-    if isinstance(module, nn.Linear):
-        return "linear"
-    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-        return "conv"
-    # Hugging Face Conv1D (GPT-2 and relatives): x @ W with W [in, out]. Matched by name so that
-    # transformers is never imported here.
-    if type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "nx"):
-        return "conv1d_hf"
-    return None
-
-
-def _module_recorders(targets: list[InstalledTarget]) -> list[tuple[nn.Module, Callable]]:
-    """Forward pre-hooks on the layers that own module-route weights."""
-    hooks: list[tuple[nn.Module, Callable]] = []
+def _check_before_running(gm: fx.GraphModule, targets: list[InstalledTarget]) -> None:
+    """Fail before running on what is known from the plan alone: unused weights, embedding lookups in the graph."""
     for t in targets:
         if t.route == "unused":
             raise PruningError(
                 f"calibrate(): weight {t.name!r} is never read by the model's forward, so it has no input "
                 "to observe; exclude it from the wanda pruner"
             )
-        if "module" not in t.route:
+    by_name = {t.name: t for t in targets if t.route.startswith("graph")}
+    for node in gm.graph.nodes:
+        if node.op != "call_module" or node.target not in by_name:
             continue
-        for owner, attr in t.owners:
-            kind = _layer_kind(owner)
-            if t.route != "module" and kind in ("linear", "conv"):
-                continue  # read by a graph too: its F.linear/conv calls are seen by _WeightInputs
-            if attr != "weight" or kind is None:
+        for user in node.users:
+            if user.op == "call_function" and op_name(user.target) in UNATTRIBUTABLE:
                 raise PruningError(
-                    f"calibrate(): cannot observe the input of weight {t.name!r}: it is read inside a leaf module, "
-                    f"as attribute {attr!r} of {type(owner).__name__}, and only the 'weight' of nn.Linear, "
-                    "nn.Conv1d/2d/3d and Hugging Face Conv1D layers has inputs that map to its features; "
-                    "exclude it from the wanda pruner"
+                    f"calibrate(): cannot observe the input of weight {node.target!r}: it is used by graph node "
+                    f"{user.format_node()}: {UNATTRIBUTABLE[op_name(user.target)]}; exclude it from the wanda pruner"
                 )
-            hooks.append((owner, _layer_hook(t, kind, owner)))
-    return hooks
-
-
-def _layer_hook(t: InstalledTarget, kind: str, owner: nn.Module) -> Callable:
-    where = f"{type(owner).__name__} layer"
-    groups = getattr(owner, "groups", 1)
-
-    def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        x = args[0] if args else next(iter(kwargs.values()))
-        _record(t, kind, x, t.masked.param.shape, groups, where)
-
-    return hook
-
-
-def _record(t: InstalledTarget, kind: str, x: torch.Tensor, shape: torch.Size, groups: int, where: str) -> None:
-    sq, rows = feature_sq_sums(kind, x, shape, groups)
-    try:
-        t.masked.wanda.record(sq, rows, out_dim=1 if kind == "conv1d_hf" else 0, where=where)
-    except ValueError as e:
-        raise PruningError(f"calibrate(): weight {t.name!r}: {e}") from None
