@@ -122,6 +122,8 @@ def fx_config(
     policy: str = "magnitude",
 ) -> dict:
     body: dict = {"scope": scope}
+    if scope == "global":  # compared with torch's global_unstructured, which has no per-layer cap
+        body["max_sparsity"] = 1.0
     if min_sparsity is not None:
         body["min_sparsity"] = min(min_sparsity, target)
     if per_step:  # the same ramp over epochs 0-20, its goal raised after every optimizer step

@@ -89,10 +89,22 @@ def convert(
             raise PruningError("convert(semi_structured=True): no weight is pruned with pattern '2:4' (or N:4, N <= 2)")
     _warn_unapplied(prepared.pruner)
     if physical:  # the masked model's outputs, before anything changes (inplace=True consumes it)
-        from fxprune.structured.verify import eval_outputs, split_example
+        from fxprune.structured.verify import eval_outputs, on_model_device, split_example
 
         example = channel_plan.example if example_inputs is None else split_example(example_inputs)
-        reference = None if example is None else eval_outputs(prepared, example)
+        reference = None
+        if example is not None:
+            example = on_model_device(example, prepared)
+            try:
+                reference = eval_outputs(prepared, example)
+            except Exception as e:  # noqa: BLE001 - the kept example no longer fits the model: say so, go on
+                warnings.warn(
+                    f"convert(physical=True): the masked model does not run on the example input ({type(e).__name__}: "
+                    f"{e}), so the shrunk model is not checked; pass convert(..., example_inputs=...)",
+                    UserWarning,
+                    stacklevel=2,
+                )
+                example = None
     model = prepared if inplace else copy.deepcopy(prepared)
     root = model._fxprune_original.module
     if physical:

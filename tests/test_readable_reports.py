@@ -39,11 +39,11 @@ def test_channel_report_is_a_table_in_plain_words():
     text = str(reports)
     assert "ChannelReport(" not in text and "{" not in text
     header = next(line for line in text.splitlines() if line.startswith("group"))
-    assert header.split() == ["group", "unit", "kept/total", "layers", "why", "not", "pruned"]
+    assert header.split() == ["group", "kept/total", "layers", "why", "not", "pruned"]
     assert "model input" in text and "model output" in text and "LayerNorm over channels (norm)" in text
     assert "come from outside the analysed graph" not in text
     row = next(line for line in text.splitlines() if line.split()[-1] == "-")  # the prunable group: conv1 + bn1
-    assert "4/8" in row and "conv1" in row
+    assert "4/8 channels" in row and "conv1" in row
     # still a dict of ChannelReport for programs, and plain data with the full reasons
     assert isinstance(reports, dict) and isinstance(reports["p"], fxprune.structured.ChannelReport)
     data = reports.to_dict()

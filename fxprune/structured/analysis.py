@@ -37,8 +37,8 @@ _ATTR = "_fxprune_channels"
 class ChannelReport:
     """Per channel pruner: the groups it prunes, the ones it cannot, and its weights left dense.
 
-    ``str()`` is a table (group, what its channels are, kept/total, layers,
-    why not pruned in plain words); ``to_dict()`` has the same with the
+    ``str()`` is a table (group, kept/total channels or heads, layers, why
+    not pruned in plain words); ``to_dict()`` has the same with the
     analysis' full reasons; ``excluded`` maps a group's layers to the reasons.
     """
 
@@ -73,19 +73,18 @@ class ChannelReport:
             kept = self.kept.get(gid, n)
             plain = _plain_list(reasons)
             why = "-" if not plain else plain[0] + (f" (+{len(plain) - 1} more)" if len(plain) > 1 else "")
-            rows.append((str(gid), "heads" if gid in self.head_groups else "channels", f"{kept}/{n}",
+            rows.append((str(gid), f"{kept}/{n} {'heads' if gid in self.head_groups else 'channels'}",
                          _short(_common_prefix_trimmed(layers), 3), why))
         kept_total = sum(self.kept.get(g, n) for g, n, _ in self.prunable)
         total = sum(n for _, n, _ in self.prunable)
-        lines = [f"channel pruner {self.pruner!r}: {len(self.prunable)} of {len(groups)} groups prunable, "
-                 f"{kept_total} of their {total} channels/heads kept"]
-        lines.append(format_table(("group", "unit", "kept/total", "layers", "why not pruned"), rows,
-                                  right=(0, 2)))
+        lines = [f"channel pruner {self.pruner!r}: {len(self.prunable)} of {len(groups)} groups prunable "
+                 f"({len(self.excluded)} excluded), {kept_total} of their {total} channels/heads kept"]
+        lines.append(format_table(("group", "kept/total", "layers", "why not pruned"), rows, right=(0,)))
         if self.dense_weights:
             lines.append(f"weights of this pruner left dense: {len(self.dense_weights)}")
             by_reason: dict[str, list[str]] = {}
             for w in self.dense_weights:
-                by_reason.setdefault(plain_reason(self.dense_reasons.get(w, "unknown")), []).append(w)
+                by_reason.setdefault(self.dense_reasons.get(w, "reason unknown"), []).append(w)
             for reason, ws in by_reason.items():
                 lines.append(f"  {_short(ws, 3)}: {reason}")
         return "\n".join(lines)

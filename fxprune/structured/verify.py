@@ -17,11 +17,12 @@ from typing import Any, Callable
 
 import torch
 from torch import nn
+from torch.utils import _pytree as pytree
 
 from fxprune.errors import PruningError
 from fxprune.trace import leaving_no_trace, output_tensors
 
-__all__ = ["eval_outputs", "outputs_match", "check_shrunk", "split_example"]
+__all__ = ["eval_outputs", "outputs_match", "check_shrunk", "split_example", "on_model_device"]
 
 
 def eval_outputs(model: nn.Module, example: tuple[tuple, dict]) -> list[torch.Tensor]:
@@ -100,3 +101,13 @@ def split_example(example: Any) -> tuple[tuple, dict]:
             return example[0], dict(example[1])
         return example, {}
     return (example,), {}
+
+
+def on_model_device(example: tuple[tuple, dict], model: nn.Module) -> tuple[tuple, dict]:
+    """The example's tensors on the model's device (``prepare`` may have seen them before ``model.to(...)``)."""
+    param = next(iter(model.parameters()), None)
+    if param is None:
+        return example
+    device = param.device
+    return pytree.tree_map(lambda t: t.to(device) if isinstance(t, torch.Tensor) and t.device != device else t,
+                           example)
