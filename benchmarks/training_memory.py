@@ -83,8 +83,13 @@ def _child(preset: str, variant: str) -> dict:
     shape = dict(PRESETS[preset])
     dtype = getattr(torch, shape.pop("dtype"))
     config = transformers.LlamaConfig(**shape, tie_word_embeddings=False)
-    with torch.no_grad():
-        model = transformers.LlamaForCausalLM(config).to(dtype)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # built in its dtype: no float32 copy of a 1B model on the way
+    try:
+        with torch.no_grad():
+            model = transformers.LlamaForCausalLM(config).to(dtype)
+    finally:
+        torch.set_default_dtype(default)
     model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     n_params = sum(p.numel() for p in model.parameters())
     gc.collect()

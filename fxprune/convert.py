@@ -1,9 +1,12 @@
 """convert(): fold masks into plain weights and hand back the user's own model class.
 
-The result is the original model object (a deep copy of it, made by
-``prepare``) with every masked parameter replaced by a plain ``nn.Parameter``
-holding ``param * mask``: no fxprune module, buffer or hook is left, its
-``state_dict()`` has exactly the original keys, and tied weights stay tied.
+The result is the original model object (a deep copy of it made by
+``prepare``, or the user's own object after ``prepare(..., inplace=True)``)
+with every masked parameter put back as a plain ``nn.Parameter`` whose
+pruned entries are zeroed in place (the very parameter object the prepared
+model trained, so folding copies no weight): no fxprune module, buffer or
+hook is left, its ``state_dict()`` has exactly the original keys, and tied
+weights stay tied.
 """
 from __future__ import annotations
 
@@ -46,6 +49,8 @@ def convert(
     By default ``prepared`` is left intact (it is deep-copied first), so it can
     still be compared with the result or trained further; ``inplace=True``
     skips that copy to save memory and leaves ``prepared`` unusable.
+    Warns with :class:`UnappliedGoalWarning` when a pruner's masks lag behind
+    its current goal (see :meth:`fxprune.Pruner.prune_now`).
     ``physical=True`` also cuts the channels removed by ``pattern: channel``
     pruners out of the layers (see :mod:`fxprune.structured.shrink`): the
     result is smaller and faster, gives the masked model's outputs, and no

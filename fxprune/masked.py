@@ -23,8 +23,9 @@ element by element), but it costs as much memory as the weight. So it is
 kept only where it pays: on the per-step training path (gradient masking,
 re-zeroing after ``optimizer.step()``, the forward of a dirty weight) and on
 CPU. Mask updates, :func:`fxprune.convert` and every accelerator use the
-uint8 view, which costs no memory (on a GPU the multiply is bandwidth-bound,
-and one byte per entry is cheaper to read than four). ``float_copy = False``
+uint8 view, which costs no memory (on a GPU the multiply is bandwidth-bound
+and casts inside the kernel, so one byte per entry should read faster than
+four; not measured here, no GPU was at hand). ``float_copy = False``
 (see :attr:`fxprune.Pruner.float_mask_copies`) drops it on CPU too.
 """
 from __future__ import annotations

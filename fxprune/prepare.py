@@ -120,7 +120,18 @@ def prepare(
     return gm
 
 
-def _rewrite(model, cfg, plan, owners, concrete_args, leaf_modules, example, reference, inplace, built):
+def _rewrite(
+    model: nn.Module,
+    cfg: PruningConfig,
+    plan: Any,
+    owners: set[str],
+    concrete_args: dict[str, Any] | None,
+    leaf_modules: Iterable[str | type] | None,
+    example: tuple[tuple, dict] | None,
+    reference: list | str | None,
+    inplace: bool,
+    built: list[tuple[nn.Module, list]],
+) -> tuple[PreparedGraphModule, PrepareReport]:
     """Capture and rewrite (twice if the example run's check drops the per-submodule capture), attach the
     Pruner and the channel plan: the prepared model and its report."""
     gm, work, targets, captured = _build(model, plan, owners, concrete_args, leaf_modules, example, inplace)

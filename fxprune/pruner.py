@@ -22,6 +22,9 @@ Two ways to drive it, both supported:
             pruner.on_batch_end()              # re-zero what the optimizer moved; count the step
         pruner.on_epoch_end(epoch)
 
+*One shot*: ``pruner.prune_now()`` applies every pruner's current goal (the
+target for ``schedule: oneshot``) with no loop at all; then ``convert``.
+
 *Optimizer mode*: ``pruner.attach(optimizer, steps_per_epoch=N)`` (or
 ``prepare(..., optimizer=opt, steps_per_epoch=N)``) and a plain loop with no
 hook call at all. A post-hook on ``optimizer.step()`` re-zeroes the pruned

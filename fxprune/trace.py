@@ -429,6 +429,21 @@ def _specialized_forward(cls: type, spec: CallSpec, seen_output: list) -> Any:
     return namespace[_SPECIALIZED]
 
 
+def _restore_concrete_arg_names(graph: fx.Graph, concrete_args: dict[str, Any]) -> None:
+    """fx names the placeholder of a specialized argument ``flag_1``: give it its own name back, so that
+    ``prepared(x, flag=False)`` is accepted as the original forward (whose signature the prepared model shows)."""
+    for node in graph.nodes:
+        if node.op != "placeholder" or node.target in concrete_args:
+            continue
+        base, _, suffix = node.target.rpartition("_")
+        if base in concrete_args and suffix.isdigit():
+            node._rename(base)
+            if node.name == base:
+                node.target = base
+            else:
+                node._rename(node.target)  # the name is taken in the graph: keep fx's
+
+
 def _trace_one(
     module: nn.Module,
     prefix: str,
@@ -455,6 +470,8 @@ def _trace_one(
                 tracer.traced_func_name = _SPECIALIZED
             try:
                 graph = tracer.trace(module, concrete_args=concrete_args if spec is None else None)
+                if spec is None and concrete_args:
+                    _restore_concrete_arg_names(graph, concrete_args)
                 # fx cannot write every signature back as Python (a keyword-only argument without a
                 # default after one with a default): a graph whose code does not compile is a trace failure.
                 compile(graph.python_code(root_module="self").src, "<fxprune graph>", "exec")

@@ -193,3 +193,23 @@ def test_hf_trainer_defaults_causal_lm(tmp_path):
     model = transformers.LlamaForCausalLM(cfg)
     rows = _Rows(8, 8, 64, lambda i, ids: ids.clone())
     _train_with_defaults(model, rows, tmp_path, {"input_ids": torch.randint(0, 64, (2, 8))})
+
+
+def test_a_specialized_argument_keeps_its_name():
+    """fx names the placeholder of a concrete argument ``flag_1``; the signature the prepared model shows says
+    ``flag``, so a keyword call must be accepted."""
+
+    class Flagged(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(6, 3)
+
+        def forward(self, x, flag=True):
+            return self.fc(x) if flag else -self.fc(x)
+
+    model = Flagged()
+    prepared = fxprune.prepare(model, CONFIG, concrete_args={"flag": False})
+    assert prepared.pruner.prepare_report.traced
+    x = torch.randn(2, 6)
+    assert inspect.signature(prepared.forward) == inspect.signature(model.forward)
+    assert torch.allclose(prepared(x, flag=False), model(x, flag=False))
