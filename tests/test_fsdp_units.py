@@ -144,3 +144,22 @@ def test_convert_refuses_a_sharded_model_and_names_the_way_out(one_rank_group):
     prepared.pruner.on_epoch_begin(0)
     with pytest.raises(fxprune.PruningError, match="gather_prepared"):
         fxprune.convert(prepared)
+
+
+def test_a_shard_written_since_the_last_re_zeroing_is_re_zeroed_before_it_is_gathered(one_rank_group):
+    reference = fxprune.prepare(Nested(), CONFIG)
+    reference.pruner.on_epoch_begin(0)
+    sharded = copy.deepcopy(reference)
+    _shard(sharded, ["blocks.0", "blocks.1"])
+    x = torch.randn(4, 8)
+    sharded(x).sum().backward()  # after a backward every unit is resharded, the root too
+    with torch.no_grad():  # an in-place write with no pruner hook after it (it moves the version counters)
+        for model in (reference, sharded):
+            for t in model.pruner.targets:
+                t.masked.param.add_(1.0)
+    y = sharded(x)
+    torch.testing.assert_close(y, reference(x))  # the reference multiplies by the mask instead
+    y.sum().backward()
+    for t in sharded.pruner.targets:
+        local, mask = t.masked.param.detach().to_local(), t.masked.mask.to_local()
+        assert bool((local[~mask] == 0).all()) and bool((local[mask] != 0).any()), t.name
