@@ -17,6 +17,7 @@ from fxprune.errors import PruningError
 
 from fxprune.masked import MaskedParameter
 from fxprune.rewrite import original_parameter_order
+from fxprune.sparse_modules import _SparseWeightModule
 
 __all__ = ["ParameterSparsity", "SparsityReport", "sparsity_report", "PrepareReport", "ScheduleTable", "format_table",
            "PRUNED_RECORD", "state_dict_sparsity", "checkpoint_sparsity"]
@@ -186,11 +187,15 @@ def sparsity_report(model: nn.Module, *, all_parameters: bool = False) -> Sparsi
         id(model) if owner is original_root else key: names
         for key, (owner, names) in original_parameter_order(targets).items()
     }
+    dense_weights: list = []
     for prefix, module in model.named_modules(remove_duplicate=False):
         if isinstance(module, MaskedParameter):
             continue
         items = [(a, p, False) for a, p in module._parameters.items() if p is not None]
         items += [(a, m, True) for a, m in module._modules.items() if isinstance(m, MaskedParameter)]
+        if isinstance(module, _SparseWeightModule):  # sparse kernels (fxprune.kernels): the weight is a buffer
+            dense_weights.append(module.weight)  # kept alive: rows are deduplicated by id()
+            items.insert(0, ("weight", dense_weights[-1], False))
         order = original_order.get(id(module), [])
         items.sort(key=lambda item: order.index(item[0]) if item[0] in order else len(order))
         for attr, obj, masked in items:

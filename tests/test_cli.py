@@ -142,3 +142,29 @@ def test_safetensors_path_uses_load_sparse_state_dict(tmp_path, monkeypatch):
     path.write_bytes(b"")
     monkeypatch.setattr(fxprune, "load_sparse_state_dict", lambda p: {"w": torch.zeros(2, 2)}, raising=False)
     assert checkpoint_sparsity(path)["w"].zeros == 4
+
+
+def test_model_specs(tmp_path):
+    import json
+
+    import pytest
+
+    from fxprune.model_spec import build_model, example_input, parse_shape
+
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps({"model_type": "bert", "architectures": ["BertModel"], "hidden_size": 16,
+                               "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 32,
+                               "vocab_size": 50}))
+    bert = build_model(f"hf:{cfg}")
+    assert type(bert).__name__ == "BertModel" and not bert.training
+    ids = example_input(bert, f"hf:{cfg}", (2, 7))
+    assert ids.shape == (2, 7) and ids.dtype == torch.int64 and int(ids.max()) < 50
+    assert type(build_model("torchvision:resnet18")).__name__ == "ResNet"
+    assert example_input(build_model("cli_models:tiny_cnn"), "cli_models:tiny_cnn", (1, 3, 8, 8)).shape == (1, 3, 8, 8)
+    assert parse_shape("1,3,224,224") == (1, 3, 224, 224)
+    for spec, message in (("resnet50", "must look like"), ("cli_models:missing", "no callable 'missing'"),
+                          ("no_such_module_xyz:f", "cannot build"), (f"hf:{tmp_path}/none.json", "not a file")):
+        with pytest.raises(ValueError, match=message):
+            build_model(spec)
+    with pytest.raises(ValueError, match="positive integers"):
+        parse_shape("0,3")

@@ -215,3 +215,21 @@ def test_convert_with_kernels_auto():
     with torch.no_grad():
         assert _close(auto(x), dense(x))
     assert list(auto.state_dict()) == list(dense.state_dict())
+
+
+def test_cold_cache_timing_is_one_call_per_sample_after_eviction():
+    from fxprune.kernels import _last_level_cache_bytes, _times
+
+    calls = []
+    evict = torch.zeros(1024)
+    times = _times({"a": lambda: calls.append(float(evict[0]))}, repeats=3, min_time_s=1.0, evict=evict)
+    assert calls == [0.0, 0.0, 1.0, 2.0, 3.0]  # two warm-up calls, then one call after each eviction
+    assert times["a"][0] >= times["a"][1] > 0
+    assert _last_level_cache_bytes() > 0
+
+
+def test_sparsity_report_counts_the_weights_of_sparse_modules():
+    net = _pruned_net()
+    sparse = fxprune.sparsify_kernels(copy.deepcopy(net), torch.randn(2, 3, 4, 4), force=True)
+    dense_rows = fxprune.sparsity_report(net).to_dict()
+    assert fxprune.sparsity_report(sparse).to_dict() == dense_rows
