@@ -163,3 +163,20 @@ def test_dense_model_is_saved_dense_with_a_warning(tmp_path):
     assert saved.format == "dense"
     assert "quantization_config" not in json.loads((tmp_path / "d" / "config.json").read_text())
     assert_same_state(fxprune.load_pretrained(tmp_path / "d").state_dict(), model.state_dict())
+
+
+def test_missing_or_too_new_compressed_tensors_says_what_to_install(tmp_path, monkeypatch):
+    import sys
+
+    import compressed_tensors.compressors as compressors
+
+    model = tiny_llama()
+    zero_unstructured(model)
+    monkeypatch.delattr(compressors, "BitmaskCompressor")
+    with pytest.raises(ImportError, match=r"removed in 0.15.*pip install 'fxprune\[compressed\]'"):
+        fxprune.save_pretrained(model, tmp_path / "new")
+    monkeypatch.undo()
+    monkeypatch.setitem(sys.modules, "compressed_tensors", None)
+    with pytest.raises(ImportError, match=r"'compressed-tensors' package.*pip install 'fxprune\[compressed\]'"):
+        fxprune.save_pretrained(model, tmp_path / "missing")
+    assert not (tmp_path / "new").exists() and not (tmp_path / "missing").exists()
