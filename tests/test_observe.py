@@ -240,6 +240,14 @@ def test_torch_grouped_mm_per_expert():
     torch.testing.assert_close(torch.cat([_rebuilt(r, w) for r in reads]), torch.cat([y[:3], y[3:]]))
 
 
+def test_rows_are_never_a_view_of_the_model_input():
+    w, x = torch.randn(3, 4), torch.randn(5, 4)
+    _, (read,) = _observe({"w": w}, lambda: F.linear(x, w))
+    rows = read.rows()
+    rows.mul_(0)
+    assert bool((x != 0).any())
+
+
 def test_matrix_writes_the_parameter():
     w = torch.randn(2, 3, 4)
     _, (read,) = _observe({"w": w}, lambda: F.linear(torch.randn(5, 4), w[1]))
