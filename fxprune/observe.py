@@ -275,8 +275,8 @@ class WeightInputObserver:
             if id(t) in hits:
                 continue  # an in-place op returning the weight itself (W.requires_grad_()): nothing new
             if id(t) in inputs:  # buf.copy_(W), torch.add(W, 1, out=buf): the weight's data went elsewhere
-                raise unattributable(next(iter(hits.values()))[1], name, "its data is written into another "
-                                     "tensor (copy_, out=), which the observer cannot follow")
+                raise unattributable(next(iter(hits.values()))[1], name, "its data is written into another tensor "
+                                     "(copy_, out=, y.add_(W)), which the observer cannot follow")
             entry = self._entry_of(t)
             if entry is not None:
                 if entry.alive is not _always:  # a view keeps a followed copy's memory alive: follow it too

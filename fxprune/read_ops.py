@@ -129,8 +129,10 @@ def _matrix_dims(alias: Alias, w: torch.Tensor, in_op: int, out_op: int, op: str
 
 def _expert_ids(alias: Alias, batch: torch.Size, op: str) -> tuple[torch.Tensor | None, int | None]:
     """Per batch element of the weight operand, the expert it is: (ids over ``batch``, or a fixed expert)."""
-    selected = dict(alias.selected).get(0)
     stacked = len(alias.root_shape) == 3
+    if any(d != 0 or not stacked for d, _ in alias.selected):  # W[2:3] of a 2-D W, experts[:, 5]
+        raise unattributable(alias, op, "only a slice of it is multiplied (a part of its rows or columns)")
+    selected = dict(alias.selected).get(0)
     if stacked and selected is None and alias.root_shape[0] == 1:
         selected = 0
     ids = None

@@ -86,12 +86,14 @@ def matmul_read(name: str, op: str, expert: int | None, vectors: Callable[[], to
                 out_dim: int, in_dim: int, weight_shape: torch.Size) -> WeightRead:
     """A read whose rows are ``vectors()`` (``[n_rows, in]``, any float dtype)."""
 
-    def rows() -> torch.Tensor:
+    def rows(owned: bool = True) -> torch.Tensor:
         v = vectors().detach()
-        return v.to(accumulation_dtype(v.dtype))
+        r = v.to(accumulation_dtype(v.dtype))
+        # Never hand out a view of the model's own activation: a caller scaling rows in place would change it.
+        return r.clone() if owned and r.untyped_storage().data_ptr() == v.untyped_storage().data_ptr() else r
 
     def sq_sums() -> torch.Tensor:
-        return rows().pow(2).sum(0).to(torch.float64)
+        return rows(owned=False).pow(2).sum(0).to(torch.float64)
 
     return WeightRead(name, expert, n_rows, op, "matmul", out_dim, in_dim, torch.Size(weight_shape), rows, sq_sums)
 

@@ -249,3 +249,32 @@ def test_per_expert_row_ranks_match_a_per_row_oracle(experts, out, inp, transpos
             expected = torch.empty(inp)
             expected[torch.argsort(row, stable=True)] = torch.arange(inp, dtype=torch.float32) / inp
             assert torch.equal(ranks[e].select(out_dim - 1, o), expected)
+
+
+def _llama4():  # all experts in one bmm: tokens viewed [E, T, in] @ [E, in, out]
+    return T.Llama4ForCausalLM(T.Llama4TextConfig(
+        hidden_size=32, intermediate_size=32, intermediate_size_mlp=48, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, vocab_size=64, max_position_embeddings=32, num_local_experts=4,
+        num_experts_per_tok=1))
+
+
+def test_transposed_expert_layout_prunes_each_output_row_of_each_expert():
+    """Llama4 keeps experts [E, in, out] (like GPT-OSS) and multiplies all of them in one bmm."""
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = _llama4().eval()
+    names = sorted(n for n, p in model.named_parameters() if ".experts." in n and p.dim() == 3)
+    cfg = {"wanda": {"w": {"weights": names, "target_sparsity": 0.5, "schedule": "oneshot"}}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        prepared = fxprune.prepare(model, cfg)
+    fxprune.calibrate(prepared, _batches())
+    for name in names:
+        state = prepared.get_submodule(name).wanda
+        # [E, in, out]: outputs along dim 2, input-feature norms [E, in, 1]
+        assert state.per_expert and int(state.out_dim) == 2 and state.sq_sum.shape[2] == 1, name
+    prepared.pruner.on_epoch_begin(0)
+    for name in names:
+        per_row = _pruned_per_row(prepared, name)
+        assert torch.all(per_row.sum(1) == per_row.shape[1] // 2), name
