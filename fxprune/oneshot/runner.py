@@ -30,7 +30,7 @@ from torch import nn
 
 from fxprune.errors import PruningError
 
-__all__ = ["BlockCall", "Captured", "call_model", "capture_calls", "run_block", "replay_tail"]
+__all__ = ["BlockCall", "Captured", "call_model", "capture_calls", "move_calls", "run_block", "replay_tail", "hidden_of"]
 
 
 class _StopForward(Exception):
@@ -256,7 +256,12 @@ def run_block(
 
 
 def replay_tail(
-    model: nn.Module, blocks: list[tuple[str, nn.Module]], batches: list[Any], final: list[torch.Tensor], template: Any
+    model: nn.Module,
+    blocks: list[tuple[str, nn.Module]],
+    batches: list[Any],
+    final: list[torch.Tensor],
+    template: Any,
+    after_each: Callable[[], None] | None = None,
 ) -> None:
     """Run ``batches`` through the model with every block answering ``final[batch]`` (for the layers after them)."""
     modules = [m for _, m in blocks]
@@ -274,3 +279,5 @@ def replay_tail(
         for b, batch in enumerate(batches):
             current["batch"] = b
             call_model(model, batch)
+            if after_each is not None:
+                after_each()
