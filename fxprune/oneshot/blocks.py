@@ -5,8 +5,9 @@ and a head. Hugging Face keeps the stack as an ``nn.ModuleList``
 (``model.layers`` in Llama/Qwen/Mistral/Gemma/Phi/Mixtral, ``transformer.h``
 in GPT-2, ``model.decoder.layers`` in OPT), and so do most plain PyTorch
 models (``nn.Sequential`` stacks count too). The default choice is the
-``ModuleList``/``Sequential`` of at least two modules of one class that holds
-the most parameters. ``sequential_targets`` (config key) overrides it with
+``ModuleList`` (or ``Sequential`` of at least two) of modules of one class that holds
+the most parameters (a ``ModuleList`` of one layer counts too: a one-layer
+model). ``sequential_targets`` (config key) overrides it with
 class names (``LlamaDecoderLayer``) or module-path globs (``model.layers.*``);
 the outermost matching modules are the blocks.
 """
@@ -32,7 +33,9 @@ def find_blocks(model: nn.Module, config: PruningConfig) -> list[tuple[str, nn.M
         return _matching(model, config)
     best: tuple[int, str, nn.Module] | None = None
     for name, container in model.named_modules():
-        if not isinstance(container, (nn.ModuleList, nn.Sequential)) or len(container) < 2:
+        if not isinstance(container, (nn.ModuleList, nn.Sequential)) or len(container) < (
+            1 if isinstance(container, nn.ModuleList) else 2
+        ):
             continue
         children = list(container)
         if len({type(c) for c in children}) != 1 or _numel(children[0]) == 0:
