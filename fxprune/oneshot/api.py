@@ -233,10 +233,7 @@ def _pruner_of(plan, name: str) -> str:
 
 
 def _collector(plan, params: dict[str, torch.Tensor]) -> InputCollector:
-    return InputCollector(
-        hessian_for=lambda key: plan.pruners[_pruner_of(plan, key[0])].policy == "sparsegpt",
-        dtype_for=lambda name: params[name].dtype,
-    )
+    return InputCollector(hessian_for=lambda key: plan.pruners[_pruner_of(plan, key[0])].policy == "sparsegpt")
 
 
 class _Sequential:

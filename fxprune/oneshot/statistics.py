@@ -12,7 +12,7 @@ cheapest form of ``X`` that answers those questions:
   comparing the rows of the reads of one batch (same tensor, or equal
   values); a group that stops agreeing later is split;
 - while a group has seen at most ``in`` rows, the rows themselves are kept
-  (in the weight's dtype, so nothing is lost for a bf16 model): the error
+  (float32, no larger than ``H`` would be): the error
   then costs one ``[n, in] x [in, out]`` product instead of ``[out, in] x
   [in, in]``, and Wanda needs no ``H`` at all. Past ``in`` rows the rows are
   folded into ``H`` (smaller from then on) and the error is computed from it:
@@ -38,43 +38,39 @@ ReadKey = tuple[str, "int | None"]
 class InputStatistics:
     """Statistics of the rows one group of weights multiplied."""
 
-    def __init__(self, in_features: int, *, hessian: bool, store_dtype: torch.dtype, device: torch.device):
+    def __init__(self, in_features: int, *, hessian: bool, device: torch.device):
         self.in_features = in_features
-        self.store_dtype = store_dtype
+        self.device = device
         self.n_rows = 0
-        self.sq_sum = torch.zeros(in_features, dtype=torch.float64, device=device)
-        self.rows: list[torch.Tensor] | None = []  # kept while n_rows <= in_features
+        self.rows: list[torch.Tensor] | None = []  # kept (float32) while n_rows <= in_features
         self.h_sum: torch.Tensor | None = None
         self.wants_hessian = hessian
         if hessian:
-            self.h_sum = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
+            self.h_sum = self._zeros()
+
+    def _zeros(self) -> torch.Tensor:
+        return torch.zeros(self.in_features, self.in_features, dtype=torch.float32, device=self.device)
 
     def add(self, rows: torch.Tensor) -> None:
-        """Fold in one read's rows (``[n, in]`` float32)."""
+        """Fold in one read's rows (``[n, in]`` float32; kept by reference, not copied)."""
         self.n_rows += rows.shape[0]
-        self.sq_sum += rows.square().sum(0, dtype=torch.float64)
         if self.h_sum is not None:
             self.h_sum.addmm_(rows.t(), rows)
         if self.rows is not None:
-            self.rows.append(rows.to(self.store_dtype))
+            self.rows.append(rows)
             if self.n_rows > self.in_features:  # H is now the smaller form: keep only it
-                if self.h_sum is None:
-                    self.h_sum = torch.zeros(self.in_features, self.in_features, dtype=torch.float32, device=rows.device)
-                    for r in self.rows:
-                        r32 = r.to(torch.float32)
-                        self.h_sum.addmm_(r32.t(), r32)
+                self.hessian_sum()
                 self.rows = None
 
     def without(self, rows: torch.Tensor) -> "InputStatistics":
         """A copy without one earlier :meth:`add` of ``rows`` (to split a group; ``H`` up to float32 rounding)."""
-        other = InputStatistics(self.in_features, hessian=False, store_dtype=self.store_dtype, device=self.sq_sum.device)
+        other = InputStatistics(self.in_features, hessian=False, device=self.device)
         other.wants_hessian = self.wants_hessian
         other.n_rows = self.n_rows - rows.shape[0]
-        other.sq_sum = self.sq_sum - rows.square().sum(0, dtype=torch.float64)
         if self.rows is not None:
             kept = list(self.rows)
             for i in range(len(kept) - 1, -1, -1):
-                if kept[i].shape == rows.shape and torch.equal(kept[i], rows.to(self.store_dtype)):
+                if kept[i] is rows or (kept[i].shape == rows.shape and torch.equal(kept[i], rows)):
                     del kept[i]
                     break
             other.rows = kept
@@ -87,26 +83,28 @@ class InputStatistics:
     def hessian_sum(self) -> torch.Tensor:
         """``sum_x x x^T`` (float32, not a copy); built from the kept rows if it was not accumulated."""
         if self.h_sum is None:
-            self.h_sum = torch.zeros(self.in_features, self.in_features, dtype=torch.float32, device=self.sq_sum.device)
+            self.h_sum = self._zeros()
             for r in self.rows or ():
-                r32 = r.to(torch.float32)
-                self.h_sum.addmm_(r32.t(), r32)
+                self.h_sum.addmm_(r.t(), r)
         return self.h_sum
+
+    @property
+    def sq_sum(self) -> torch.Tensor:
+        """Per input feature, the sum of squares over all rows (float64): Wanda's ``||x_j||^2``."""
+        if self.h_sum is not None:
+            return torch.diagonal(self.h_sum).to(torch.float64)
+        total = torch.zeros(self.in_features, dtype=torch.float64, device=self.device)
+        for r in self.rows or ():
+            total += r.square().sum(0, dtype=torch.float64)
+        return total
 
     def output_energy(self, weight: torch.Tensor) -> float:
         """``||X W^T||^2`` (``weight`` ``[out, in]``, any dtype), from the kept rows or from ``H``."""
         w = weight.to(torch.float32)
         if self.rows is not None:
-            return float(sum(float((r.to(torch.float32) @ w.t()).square().sum(dtype=torch.float64)) for r in self.rows))
+            return float(sum(float(torch.linalg.vector_norm(r @ w.t())) ** 2 for r in self.rows))
         assert self.h_sum is not None
-        return float(((w @ self.h_sum) * w).sum(dtype=torch.float64))
-
-    def error(self, old: torch.Tensor, new: torch.Tensor, *, delta_energy: float | None = None) -> float | None:
-        """``||X (old - new)^T||^2 / ||X old^T||^2``; ``delta_energy`` given by the solver skips the numerator."""
-        den = self.output_energy(old)
-        if delta_energy is None:
-            delta_energy = self.output_energy(old.to(torch.float32) - new.to(torch.float32))
-        return None if den == 0 else max(delta_energy, 0.0) / den
+        return float(torch.vdot((w @ self.h_sum).flatten(), w.flatten()))
 
 
 class InputCollector:
@@ -116,9 +114,8 @@ class InputCollector:
     Call :meth:`end_batch` after every forward call of the observed module.
     """
 
-    def __init__(self, hessian_for: Callable[[ReadKey], bool], dtype_for: Callable[[str], torch.dtype]):
+    def __init__(self, hessian_for: Callable[[ReadKey], bool]):
         self.hessian_for = hessian_for
-        self.dtype_for = dtype_for
         self.group_of: dict[Hashable, InputStatistics] = {}
         self.reads: dict[Hashable, object] = {}  # key -> one WeightRead, for its matrix() view
         self.rows_seen: dict[Hashable, int] = {}
@@ -148,9 +145,7 @@ class InputCollector:
                     if g.wants_hessian and g.h_sum is None and g.rows is not None:
                         g.hessian_sum()  # materialize so that later batches accumulate it
                     return
-            group = InputStatistics(
-                rows.shape[1], hessian=self.hessian_for(key), store_dtype=self.dtype_for(read.name), device=rows.device
-            )
+            group = InputStatistics(rows.shape[1], hessian=self.hessian_for(key), device=rows.device)
             self.group_of[key] = group
             self._created.add(id(group))
             self._feed(group, rows)
@@ -164,10 +159,11 @@ class InputCollector:
                 own = group.without(fed[1]) if not twice else group.without(rows[:0])
                 self.group_of[key] = own
                 group = own
-            group.add(rows)
-            self._fed[id(group)] = (group, rows)
+            self._feed(group, rows)
 
     def _feed(self, group: InputStatistics, rows: torch.Tensor) -> None:
+        # A copy: for a float32 model rows() may be the op's own input, which the model can modify in place later.
+        rows = rows.clone()
         group.add(rows)
         self._fed[id(group)] = (group, rows)
 
