@@ -348,3 +348,31 @@ def test_config_errors():
         fxprune.oneshot(Net(), {"movement": {"p": {}}}, _batches())
     cfg = fxprune.load_config({"sparsegpt": {"p": {"dampening_frac": 0.05}}, "sequential_targets": ["Block"]})
     assert fxprune.load_config(cfg.to_dict()) == cfg
+
+
+@settings(max_examples=20, deadline=None)
+@given(st.integers(1, 9), st.integers(1, 12), st.sampled_from([0.0, 0.3, 0.5, 0.77]), st.integers(0, 999),
+       st.booleans())
+def test_one_shot_masks_equal_the_training_selection(out_f, in_f, sparsity, seed, ties):
+    """The slab-wise magnitude and Wanda masks equal masks.py's whole-tensor selection (the training path)."""
+    from fxprune.config import PrunerConfig
+    from fxprune.masks import local_unstructured_mask
+    from fxprune.oneshot import solve
+    from fxprune.policies.wanda import importance_from, row_ranks
+
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(out_f, in_f, generator=g)
+    if ties:
+        w = w.round()
+    sq = torch.rand(in_f, generator=g).double()
+    ones = torch.ones_like(w, dtype=torch.bool)
+    pruner = PrunerConfig(name="p", policy="wanda", target_sparsity=sparsity)
+    old = solve._SLAB
+    try:
+        solve._SLAB = 2  # several slabs even for small matrices
+        wanda = solve._wanda_keep(w, sq, pruner, "w")
+        mag = solve._magnitude_keep(w, pruner, "w")
+    finally:
+        solve._SLAB = old
+    assert torch.equal(wanda, local_unstructured_mask(row_ranks(importance_from(w, sq[None, :]), 0, ones), ones, sparsity))
+    assert torch.equal(mag, local_unstructured_mask(w.abs(), ones, sparsity))

@@ -21,7 +21,7 @@ import torch
 
 from fxprune.config import PrunerConfig, nm_ratio
 from fxprune.errors import PruningError
-from fxprune.masks import local_unstructured_mask, nm_mask
+from fxprune.masks import count_to_prune, global_unstructured_masks, nm_mask
 from fxprune.oneshot.sparsegpt import sparsegpt_prune
 from fxprune.oneshot.statistics import InputStatistics
 from fxprune.policies.wanda import importance_from, row_ranks
@@ -48,12 +48,52 @@ def check_width(matrix_shape: tuple[int, int], pruner: PrunerConfig, name: str) 
         )
 
 
-def _keep_mask(scores: torch.Tensor, pruner: PrunerConfig, name: str) -> torch.Tensor:
-    ones = torch.ones_like(scores, dtype=torch.bool)
+_SLAB = 1024  # output rows scored at a time: temporaries of a slab, not of the whole matrix
+
+
+def _magnitude_keep(matrix: torch.Tensor, pruner: PrunerConfig, name: str) -> torch.Tensor:
+    """The lowest ``|w|`` of the matrix (ties by index), or of every group of M; float32 only per chunk.
+
+    Per tensor the selection is :func:`fxprune.masks.global_unstructured_masks` over one tensor, which
+    equals :func:`~fxprune.masks.local_unstructured_mask` but never sorts or copies the whole tensor.
+    """
     nm = nm_ratio(pruner.pattern)
     if nm is not None:
-        return nm_mask(scores, ones, nm[0], nm[1], pruner.target_sparsity, name)
-    return local_unstructured_mask(scores, ones, pruner.target_sparsity)
+        return torch.cat([
+            nm_mask(m.abs().to(torch.float32), torch.ones(m.shape, dtype=torch.bool, device=m.device), *nm,
+                    pruner.target_sparsity, name)
+            for m in matrix.split(_SLAB)
+        ])
+    scores = matrix.detach().abs()
+    ones = torch.ones(matrix.shape, dtype=torch.bool, device=matrix.device)
+    return global_unstructured_masks([scores], [ones], pruner.target_sparsity)[0]
+
+
+def _wanda_keep(matrix: torch.Tensor, sq_sum: torch.Tensor, pruner: PrunerConfig, name: str) -> torch.Tensor:
+    """Wanda's mask: the training policy's selection (row ranks of ``|W| * ||x||``, lowest ranks pruned
+    across the tensor, ties by flat index), computed a slab of rows at a time.
+
+    Row ranks take each value ``r / in`` exactly once per row, so the ``k`` lowest over the tensor are
+    every entry of rank below ``k // out`` plus the entries of rank ``k // out`` in the first
+    ``k % out`` rows: no sort of the whole tensor. N:M compares within rows, so slabs are exact too.
+    """
+    out_f, in_f = matrix.shape
+    nm = nm_ratio(pruner.pattern)
+    k = count_to_prune(pruner.target_sparsity, matrix.numel())
+    full, extra = divmod(k, out_f)
+    keep = []
+    for lo in range(0, out_f, _SLAB):
+        imp = importance_from(matrix[lo : lo + _SLAB], sq_sum[None, :])
+        ones = torch.ones(imp.shape, dtype=torch.bool, device=imp.device)
+        if nm is not None:
+            keep.append(nm_mask(imp, ones, *nm, pruner.target_sparsity, name))
+            continue
+        ranks = (row_ranks(imp, 0, ones) * in_f).round()  # integer ranks 0 .. in-1, as floats
+        del imp
+        rows = torch.arange(lo, lo + ranks.shape[0], device=ranks.device)[:, None]
+        pruned = (ranks < full) | ((ranks == full) & (rows < extra))
+        keep.append(~pruned)
+    return torch.cat(keep)
 
 
 @torch.no_grad()
@@ -79,22 +119,23 @@ def prune_matrix(matrix: torch.Tensor, pruner: PrunerConfig, stats: InputStatist
         )
         new, _ = result
         # tr(dW H dW^T) = the solver's damped loss minus the damping's share (dead inputs excluded: H is 0 there).
-        live = (stats.sq_sum > 0).to(torch.float32)
-        dw_sq = float(((matrix.to(torch.float32) - new.to(torch.float32)).square() * live).sum(dtype=torch.float64))
+        live = stats.sq_sum > 0
+        dw_sq = sum(
+            float(torch.linalg.vector_norm((a.to(torch.float32) - b.to(torch.float32))[:, live])) ** 2
+            for a, b in zip(matrix.split(_SLAB), new.split(_SLAB))
+        )
         delta = max(result.damped_loss - result.damp * dw_sq, 0.0)
         matrix.copy_(new)
         del new, result
     elif policy in ("magnitude", "wanda"):
         if policy == "magnitude":
-            scores = matrix.detach().abs().to(torch.float32)
+            keep = _magnitude_keep(matrix, pruner, name)
         else:
             assert stats is not None
-            scores = row_ranks(importance_from(matrix, stats.sq_sum[None, :]), 0, torch.ones(matrix.shape, dtype=torch.bool))
-        keep = _keep_mask(scores, pruner, name)
-        del scores
+            keep = _wanda_keep(matrix, stats.sq_sum, pruner, name)
         if stats is not None:
             energy = stats.output_energy(matrix)
-            delta = stats.output_energy(matrix.to(torch.float32) * ~keep)
+            delta = stats.output_energy(matrix, ~keep)
         matrix.masked_fill_(~keep, 0)
     else:
         raise PruningError(f"weight {name!r}: policy {policy!r} is not a one-shot policy (magnitude, wanda, sparsegpt)")

@@ -98,13 +98,26 @@ class InputStatistics:
             total += r.square().sum(0, dtype=torch.float64)
         return total
 
-    def output_energy(self, weight: torch.Tensor) -> float:
-        """``||X W^T||^2`` (``weight`` ``[out, in]``, any dtype), from the kept rows or from ``H``."""
-        w = weight.to(torch.float32)
-        if self.rows is not None:
-            return float(sum(float(torch.linalg.vector_norm(r @ w.t())) ** 2 for r in self.rows))
-        assert self.h_sum is not None
-        return float(torch.vdot((w @ self.h_sum).flatten(), w.flatten()))
+    def output_energy(self, weight: torch.Tensor, keep: torch.Tensor | None = None) -> float:
+        """``||X W^T||^2`` for ``weight`` ``[out, in]`` (any dtype; with ``keep``, of ``W * keep``).
+
+        From the kept rows or from ``H``, a slab of output rows at a time so that no float32 copy of the
+        whole weight is needed.
+        """
+        total = 0.0
+        for lo in range(0, weight.shape[0], _SLAB):
+            w = weight[lo : lo + _SLAB].to(torch.float32)
+            if keep is not None:
+                w = w * keep[lo : lo + _SLAB]
+            if self.rows is not None:
+                total += sum(float(torch.linalg.vector_norm(r @ w.t())) ** 2 for r in self.rows)
+            else:
+                assert self.h_sum is not None
+                total += float(torch.vdot((w @ self.h_sum).flatten(), w.flatten()))
+        return total
+
+
+_SLAB = 1024  # output rows per float32 slab
 
 
 class InputCollector:
