@@ -104,7 +104,8 @@ def sparsegpt_prune(
     if nm is not None and in_features % nm[1]:
         raise PruningError(f"{name}: pattern {nm[0]}:{nm[1]} needs the input width {in_features} divisible by {nm[1]}")
     # Transposed, so that the inner loop walks contiguous rows (one per input column).
-    wt = weight.detach().t().to(torch.float32, copy=True).contiguous()  # [in, out]
+    wt = torch.empty(in_features, out_features, dtype=torch.float32, device=weight.device)
+    wt.copy_(weight.detach().t())  # [in, out], one float32 copy
     h = hessian.detach().to(torch.float32, copy=True)
     diag = torch.diagonal(h)
     dead = diag == 0
