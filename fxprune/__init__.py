@@ -18,6 +18,7 @@ from fxprune.distributed import check_masks_consistent
 from fxprune.errors import ConfigError, PruningError, TraceError
 from fxprune.masked import MaskedParameter
 from fxprune.layer_collapse import HighSparsityWarning
+from fxprune.oneshot import OneshotReport, oneshot
 from fxprune.prepare import TraceFallbackWarning, prepare
 from fxprune.pruner import Pruner
 from fxprune.report import PrepareReport, SparsityReport, sparsity_report
@@ -32,6 +33,8 @@ __all__ = [
     "load_config",
     "sparsity_report",
     "calibrate",
+    "oneshot",
+    "OneshotReport",
     "sensitivity",
     "save_pretrained",
     "load_pretrained",
