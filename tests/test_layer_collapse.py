@@ -94,7 +94,7 @@ def test_default_cap_follows_high_targets_and_config_stays_consistent():
         fxprune.load_config({"magnitude": {"a": {}}, "scope": "global", "max_sparsity": 0.5, "target_sparsity": 0.9})
 
 
-@settings(max_examples=15, deadline=None)
+@settings(max_examples=8, deadline=None)
 @given(
     widths=st.lists(st.integers(2, 24), min_size=2, max_size=5),
     log_scales=st.lists(st.floats(-4, 1), min_size=4, max_size=4),
