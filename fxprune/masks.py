@@ -61,7 +61,8 @@ def local_unstructured_mask(scores: torch.Tensor, mask: torch.Tensor, sparsity: 
     if k <= already:
         return mask.clone()
     s = scores.detach().reshape(-1)
-    if already or not bool(torch.isfinite(s).all()):  # the scores are the policy's: overwrite only a copy
+    # A finite sum means no NaN/inf score (one cheap reduction; an overflowing sum only costs the copy).
+    if already or not math.isfinite(float(s.sum())):  # the scores are the policy's: overwrite only a copy
         s = torch.nan_to_num(s, nan=math.inf)
         if already:
             s.masked_fill_(torch.logical_not(keep), -math.inf)
