@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-__all__ = ["HERE", "CACHE", "LLMC_PYTHON", "folder_bytes", "run_llmc", "save_calibration", "save_dense"]
+__all__ = ["add_legacy_config_keys", "HERE", "CACHE", "LLMC_PYTHON", "folder_bytes", "run_llmc", "save_calibration", "save_dense"]
 
 HERE = Path(__file__).resolve().parent
 CACHE = HERE / ".cache"
@@ -34,6 +34,11 @@ def save_dense(model: torch.nn.Module, directory: Path) -> None:
     back to its defaults, so the old spellings are added next to the new ones.
     """
     model.save_pretrained(directory)
+    add_legacy_config_keys(Path(directory))
+
+
+def add_legacy_config_keys(directory: Path) -> None:
+    """Adds 4.52's spellings of the rope and dtype keys to a transformers 5 ``config.json`` (idempotent)."""
     path = Path(directory) / "config.json"
     config = json.loads(path.read_text())
     rope = config.get("rope_parameters") or {}
@@ -64,6 +69,9 @@ def run_llmc(args: list[str], log: Path, nice: int = 10) -> dict:
     result = Path(args[args.index("--result") + 1])
     command = ["nice", "-n", str(nice), str(LLMC_PYTHON), str(HERE / "llmc_worker.py"), *args]
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    # No network here: without these, hub look-ups inside oneshot wait for timeouts
+    # (about 100 s of wall time per run on a tiny model), inside the measured region.
+    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     with open(log, "w") as handle:
         done = subprocess.run(command, stdout=handle, stderr=subprocess.STDOUT, env=env)
     if done.returncode != 0:

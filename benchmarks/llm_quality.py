@@ -20,6 +20,7 @@ the calibration data, W the dense weight) and printed next to fxprune's own repo
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 from pathlib import Path
@@ -27,21 +28,22 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from hf_exchange import CACHE, run_llmc, save_calibration  # noqa: E402
+from hf_exchange import CACHE, add_legacy_config_keys, run_llmc, save_calibration  # noqa: E402
 from llm_corpus import load_corpus, sample_windows  # noqa: E402
 from llm_train import MODEL_DIR, SEQ_LEN, window_losses  # noqa: E402
 
 CALIBRATION = CACHE / "quality-calibration.safetensors"
 METHODS = ("magnitude", "wanda", "sparsegpt")
 PATTERNS = ("unstructured", "2:4")
-TOOLS = ("fxprune", "llmc")
+TOOLS = ("fxprune", "llmc", "reference")  # reference: plain-torch magnitude, see reference_magnitude
+LLMC_METHODS = ("sparsegpt", "wanda")  # llm-compressor 0.6 has no working one-shot magnitude (llmc_worker.py)
 WEIGHTS = ["model.layers.*.self_attn.*_proj.weight", "model.layers.*.mlp.*_proj.weight"]
 
 
-def load_dense():
+def load_dense(model_dir: Path):
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(MODEL_DIR, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     return model.eval()
 
 
@@ -71,10 +73,10 @@ def reconstruction_errors(dense, pruned, calibration: torch.Tensor) -> dict[str,
     return {n: num / den if den else 0.0 for n, (num, den) in sums.items()}
 
 
-def fxprune_prune(method: str, pattern: str, calibration: torch.Tensor):
+def fxprune_prune(model_dir: Path, method: str, pattern: str, calibration: torch.Tensor):
     import fxprune
 
-    model = load_dense()
+    model = load_dense(model_dir)
     config = {"pruning": {method: {"decoders": {"weights": WEIGHTS, "pattern": pattern}}, "target_sparsity": 0.5}}
     batches = [{"input_ids": calibration[i : i + 8]} for i in range(0, calibration.shape[0], 8)]
     report = fxprune.oneshot(model, config, batches)
@@ -85,12 +87,31 @@ def fxprune_prune(method: str, pattern: str, calibration: torch.Tensor):
     return model, {"report_errors": own, "report_seconds": getattr(report, "seconds", None)}
 
 
-def llmc_prune(method: str, pattern: str):
+@torch.no_grad()
+def reference_magnitude(model_dir: Path, pattern: str):
+    """Plain-torch magnitude pruning: the oracle fxprune's magnitude must equal, and a baseline
+    that needs neither tool (llm-compressor 0.6 has no one-shot magnitude)."""
+    model = load_dense(model_dir)
+    for module in linears(model).values():
+        w = module.weight
+        if pattern == "2:4":
+            groups = w.abs().reshape(w.shape[0], -1, 4)
+            drop = groups.argsort(dim=-1)[..., :2]
+            keep = torch.ones_like(groups, dtype=torch.bool).scatter_(-1, drop, False)
+            w.mul_(keep.reshape(w.shape))
+        else:
+            k = w.numel() // 2
+            order = w.abs().reshape(-1).argsort()
+            w.view(-1)[order[:k]] = 0.0
+    return model, {}
+
+
+def llmc_prune(model_dir: Path, method: str, pattern: str):
     from transformers import AutoModelForCausalLM
 
     out_dir = CACHE / f"quality-llmc-{method}-{pattern.replace(':', '')}"
     result = CACHE / f"quality-llmc-{method}-{pattern.replace(':', '')}.run.json"
-    data = run_llmc(["--model", str(MODEL_DIR), "--calibration", str(CALIBRATION), "--method", method,
+    data = run_llmc(["--model", str(model_dir), "--calibration", str(CALIBRATION), "--method", method,
                      "--pattern", pattern, "--dtype", "float32", "--threads", "1", "--result", str(result),
                      "--save-dense", str(out_dir)], result.with_suffix(".log"))
     model = AutoModelForCausalLM.from_pretrained(out_dir, dtype=torch.float32).eval()
@@ -102,16 +123,28 @@ def achieved_sparsity(model) -> float:
     return sum(int((m.weight == 0).sum()) for m in mods) / sum(m.weight.numel() for m in mods)
 
 
-def measure(tool: str, method: str, pattern: str, calibration, test, dense, fresh: bool) -> dict:
+def model_fingerprint(model_dir: Path) -> str:
+    """Hash of the dense weights, so cached results of an older model are never reused."""
+    digest = hashlib.sha1()
+    for path in sorted(model_dir.glob("*.safetensors")):
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def measure(model_dir: Path, tool: str, method: str, pattern: str, calibration, test, dense, fresh: bool, fingerprint: str) -> dict:
     path = CACHE / f"quality-{tool}-{method}-{pattern.replace(':', '')}.json"
     if path.exists() and not fresh:
-        return json.loads(path.read_text())
+        cached = json.loads(path.read_text())
+        if cached.get("model") == fingerprint and len(cached["window_losses"]) == test.shape[0]:
+            return cached
     print(f"pruning: {tool} {method} {pattern}", flush=True)
     if tool == "fxprune":
-        model, extra = fxprune_prune(method, pattern, calibration)
+        model, extra = fxprune_prune(model_dir, method, pattern, calibration)
+    elif tool == "reference":
+        model, extra = reference_magnitude(model_dir, pattern)
     else:
-        model, extra = llmc_prune(method, pattern)
-    data = {"tool": tool, "method": method, "pattern": pattern, "sparsity": achieved_sparsity(model),
+        model, extra = llmc_prune(model_dir, method, pattern)
+    data = {"model": fingerprint, "tool": tool, "method": method, "pattern": pattern, "sparsity": achieved_sparsity(model),
             "window_losses": window_losses(model, test).tolist(),
             "errors": reconstruction_errors(dense, model, calibration), **extra}
     data["loss"] = sum(data["window_losses"]) / len(data["window_losses"])
@@ -130,34 +163,45 @@ def main() -> None:
     parser.add_argument("--only", choices=TOOLS)
     parser.add_argument("--windows", type=int, default=256, help="test windows of 256 bytes")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--model-dir", type=Path, default=MODEL_DIR, help="dense HF folder (default: llm_train.py's)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    if not (MODEL_DIR / "config.json").exists():
-        sys.exit(f"{MODEL_DIR} missing: train it first with benchmarks/llm_train.py")
+    model_dir = args.model_dir
+    if not (model_dir / "config.json").exists():
+        sys.exit(f"{model_dir} missing: train it first with benchmarks/llm_train.py")
+    add_legacy_config_keys(model_dir)
     corpus = load_corpus()
     calibration = sample_windows(corpus.train, 32, SEQ_LEN, torch.Generator().manual_seed(4))
     test = sample_windows(corpus.test, args.windows, SEQ_LEN, torch.Generator().manual_seed(5))
     save_calibration(calibration, CALIBRATION)
-    dense = load_dense()
+    dense = load_dense(model_dir)
     dense_losses = window_losses(dense, test).tolist()
     dense_loss = sum(dense_losses) / len(dense_losses)
     tools = [args.only] if args.only else list(TOOLS)
+    fingerprint = model_fingerprint(model_dir)
     results = {}
     for method in METHODS:
         for pattern in PATTERNS:
             for tool in tools:
+                if (tool == "llmc" and method not in LLMC_METHODS) or (tool == "reference" and method != "magnitude"):
+                    continue
                 try:
-                    results[(tool, method, pattern)] = measure(tool, method, pattern, calibration, test, dense, args.fresh)
+                    results[(tool, method, pattern)] = measure(model_dir, tool, method, pattern, calibration, test, dense, args.fresh,
+                                                                fingerprint)
                 except Exception as error:  # a failed run is reported, the others still run
                     print(f"  {tool} {method} {pattern} FAILED: {type(error).__name__}: {error}"[:2000], flush=True)
     print(f"\ncorpus: {corpus.n_train_docs} train / {corpus.n_test_docs} test documents; "
           f"test {args.windows}x{SEQ_LEN} bytes; dense test loss {dense_loss:.4f} nat/byte")
+    print("llmc = llm-compressor 0.6.0.1; for magnitude (which it lacks) that column is plain-torch magnitude pruning")
     print("| method | pattern | fxprune loss | Δ dense | llmc loss | Δ dense | fxprune − llmc (± paired s.e.) | sparsity fx / llmc |")
     print("|---|---|---|---|---|---|---|---|")
     for method in METHODS:
         for pattern in PATTERNS:
             fx, lc = results.get(("fxprune", method, pattern)), results.get(("llmc", method, pattern))
-            cell = lambda r: (f"{r['loss']:.4f} | {r['loss'] - dense_loss:+.4f}" if r else "— | —")
+            if method == "magnitude":  # llm-compressor has none: the plain-torch reference takes its column
+                lc = results.get(("reference", method, pattern))
+            missing = "— | —"
+            cell = lambda r: (f"{r['loss']:.4f} | {r['loss'] - dense_loss:+.4f}" if r else missing)
             gap = "{:+.4f} ± {:.4f}".format(*_paired(fx["window_losses"], lc["window_losses"])) if fx and lc else ""
             sp = " / ".join(f"{r['sparsity']:.3f}" if r else "—" for r in (fx, lc))
             print(f"| {method} | {pattern} | {cell(fx)} | {cell(lc)} | {gap} | {sp} |")
@@ -175,7 +219,7 @@ def checks(results: dict, dense_loss: float) -> None:
     def verdict(label: str, ok: bool | None, detail: str) -> None:
         print(f"{'PASS' if ok else ('FAIL' if ok is not None else 'MISSING')}: {label} ({detail})")
 
-    mag = loss("fxprune", "magnitude", "unstructured") or loss("llmc", "magnitude", "unstructured")
+    mag = loss("reference", "magnitude", "unstructured") or loss("fxprune", "magnitude", "unstructured")
     verdict("50% magnitude costs >= 0.1 nat/byte", None if mag is None else mag - dense_loss >= 0.1,
             f"{mag - dense_loss:+.4f}" if mag is not None else "no run")
     for pattern in PATTERNS:
@@ -184,9 +228,12 @@ def checks(results: dict, dense_loss: float) -> None:
             ok = None if fx is None or lc is None else fx <= lc + 1e-4
             verdict(f"fxprune {label} <= llm-compressor {label}, {pattern}", ok,
                     f"{fx} vs {lc}" if ok is not None else "missing run")
-        for tool in TOOLS:
+        ref, fxm = loss("reference", "magnitude", pattern), loss("fxprune", "magnitude", pattern)
+        ok = None if ref is None or fxm is None else abs(ref - fxm) <= 1e-4
+        verdict(f"fxprune magnitude == plain-torch magnitude, {pattern}", ok, f"{fxm} vs {ref}")
+        for tool in ("fxprune", "llmc"):
             sg = loss(tool, "sparsegpt", pattern)
-            for other in ("wanda", "magnitude"):
+            for other in ("wanda", "magnitude") if tool == "fxprune" else ("wanda",):
                 ot = loss(tool, other, pattern)
                 ok = None if sg is None or ot is None else sg < ot
                 verdict(f"{tool} SparseGPT < {other}, {pattern}", ok,

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from hf_exchange import save_dense  # noqa: E402
 from llm_corpus import load_corpus, sample_windows  # noqa: E402
 
 __all__ = ["CACHE", "MODEL_DIR", "SEQ_LEN", "build_model", "eval_loss", "train", "window_losses"]
@@ -121,7 +122,7 @@ def train(steps: int, batch: int, peak_lr: float, save_every: int, log_every: in
             torch.save(state, str(_STATE) + ".tmp")
             os.replace(str(_STATE) + ".tmp", _STATE)
     model.eval()
-    model.save_pretrained(MODEL_DIR)
+    save_dense(model, MODEL_DIR)
     print(f"saved {MODEL_DIR}", flush=True)
 
 

@@ -12,6 +12,8 @@ Standard library only: both benchmark venvs (main and llm-compressor's) import i
 
 from __future__ import annotations
 
+import json
+import os
 import resource
 import threading
 import time
@@ -31,8 +33,12 @@ def rss_bytes() -> int:
 class RssMeter:
     """Context manager: wall time, CPU time and peak RSS above the RSS at entry."""
 
-    def __init__(self, interval: float = 0.02) -> None:
+    def __init__(self, interval: float = 0.02, snapshot: str | None = None, snapshot_every: float = 10.0) -> None:
         self.interval = interval
+        # A run that cannot finish in the time available (a shared machine) still
+        # leaves its peak so far, wall and CPU time in this JSON file.
+        self.snapshot = snapshot
+        self.snapshot_every = snapshot_every
         self.baseline = 0
         self.peak = 0
         self.wall_s = 0.0
@@ -41,9 +47,22 @@ class RssMeter:
         self._thread: threading.Thread | None = None
 
     def _poll(self) -> None:
+        last = time.perf_counter()
         while not self._stop.is_set():
             self.peak = max(self.peak, rss_bytes())
+            if self.snapshot and time.perf_counter() - last >= self.snapshot_every:
+                last = time.perf_counter()
+                self._write_snapshot()
             self._stop.wait(self.interval)
+
+    def _write_snapshot(self) -> None:
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        data = {"unfinished": True, "wall_s": time.perf_counter() - self._wall0,
+                "cpu_s": usage.ru_utime + usage.ru_stime - self._cpu0, "baseline_rss_bytes": self.baseline,
+                "peak_rss_bytes": self.peak, "extra_rss_bytes": self.peak - self.baseline}
+        with open(self.snapshot + ".tmp", "w") as handle:
+            json.dump(data, handle)
+        os.replace(self.snapshot + ".tmp", self.snapshot)
 
     def __enter__(self) -> "RssMeter":
         self.baseline = rss_bytes()
