@@ -9,6 +9,7 @@ from fxprune.convert import convert
 from fxprune.distributed import check_masks_consistent
 from fxprune.errors import ConfigError, PruningError, TraceError
 from fxprune.masked import MaskedParameter
+from fxprune.oneshot import OneshotReport, oneshot
 from fxprune.prepare import TraceFallbackWarning, prepare
 from fxprune.pruner import Pruner
 from fxprune.report import PrepareReport, SparsityReport, sparsity_report
@@ -20,6 +21,8 @@ __all__ = [
     "load_config",
     "sparsity_report",
     "calibrate",
+    "oneshot",
+    "OneshotReport",
     "sensitivity",
     "check_masks_consistent",
     "SensitivityTable",

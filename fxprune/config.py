@@ -40,10 +40,14 @@ __all__ = [
     "SCOPE_NAMES",
     "PATTERN_NAMES",
     "nm_ratio",
+    "ONESHOT_ONLY_POLICIES",
 ]
 
 #: Policies a pruner may be declared under (``pruning.<policy>.<pruner>``).
-POLICY_NAMES = ("magnitude", "movement", "wanda", "lamp")
+POLICY_NAMES = ("magnitude", "movement", "wanda", "lamp", "sparsegpt")
+
+#: Policies that only one-shot pruning (:func:`fxprune.oneshot`) can run: they rewrite weights, not masks.
+ONESHOT_ONLY_POLICIES = ("sparsegpt",)
 
 #: Schedules (``schedule:``); the formulas live in :mod:`fxprune.schedules`.
 SCHEDULE_NAMES = ("linear", "cubic", "oneshot")
@@ -69,7 +73,17 @@ SETTING_DEFAULTS: dict[str, Any] = {
     "pattern": "unstructured",  # 'unstructured', 'channel' (whole output channels) or 'N:M' such as '2:4'
     "min_sparsity": None,  # scope global: no tensor pruned less than this (or the goal, if lower)
     "max_sparsity": None,  # scope global: no tensor pruned more than this
+    # SparseGPT solver (fxprune.oneshot.sparsegpt); only sparsegpt pruners may set them.
+    "dampening_frac": 0.01,  # added to the Hessian's diagonal, as a fraction of its mean
+    "block_size": 128,  # input columns per lazy batched update
 }
+
+#: Keys only the solver of these policies reads: a pruner of another policy that sets one is an error.
+SOLVER_KEYS: dict[str, tuple[str, ...]] = {"dampening_frac": ("sparsegpt",), "block_size": ("sparsegpt",)}
+
+#: Keys of the whole section only (not per pruner). ``sequential_targets``: which modules
+#: fxprune.oneshot calibrates one at a time (class names or module-path globs); default: found.
+SECTION_KEYS = ("sequential_targets",)
 
 #: The two kinds of schedule window. One section (the global keys, or one pruner) uses one kind;
 #: a pruner that sets window keys of its own uses its own kind, otherwise it inherits the global kind.
@@ -105,6 +119,8 @@ class PrunerConfig:
     pattern: str = SETTING_DEFAULTS["pattern"]
     min_sparsity: float | None = None
     max_sparsity: float | None = None
+    dampening_frac: float = SETTING_DEFAULTS["dampening_frac"]
+    block_size: int = SETTING_DEFAULTS["block_size"]
 
     def __post_init__(self) -> None:
         if isinstance(self.weights, (list, str)):
@@ -142,9 +158,13 @@ class PruningConfig:
 
     pruners: tuple[PrunerConfig, ...] = field(default_factory=lambda: (PrunerConfig(),))
     source: str | None = None
+    sequential_targets: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "pruners", tuple(self.pruners))
+        if isinstance(self.sequential_targets, (list, str)):
+            value = self.sequential_targets
+            object.__setattr__(self, "sequential_targets", tuple([value] if isinstance(value, str) else value))
         _validate(self)
 
     def to_dict(self) -> dict[str, Any]:
@@ -152,10 +172,12 @@ class PruningConfig:
         section: dict[str, Any] = {}
         for p in self.pruners:
             unused = WINDOW_KEYS["epoch" if p.by_step else "step"]
-            body = {k: getattr(p, k) for k in SETTING_DEFAULTS if k not in unused}
+            body = {k: getattr(p, k) for k in SETTING_DEFAULTS if k not in unused and p.policy in SOLVER_KEYS.get(k, (p.policy,))}
             if p.weights is not None:
                 body["weights"] = list(p.weights)
             section.setdefault(p.policy, {})[p.name] = body
+        if self.sequential_targets is not None:
+            section["sequential_targets"] = list(self.sequential_targets)
         return {"pruning": section}
 
 
@@ -193,7 +215,7 @@ def _parse_section(section: Any, source: str | None) -> PruningConfig:
         section = {}
     if not isinstance(section, Mapping):
         raise ConfigError(f"must be a mapping, got {type(section).__name__}", "pruning", source)
-    known = list(SETTING_DEFAULTS) + list(POLICY_NAMES)
+    known = list(SETTING_DEFAULTS) + list(SECTION_KEYS) + list(POLICY_NAMES)
     for key in section:
         if key not in known:
             what = "policy" if isinstance(section[key], Mapping) else "key"  # `snip: {p1: {...}}` reads as a policy
@@ -227,6 +249,12 @@ def _parse_section(section: Any, source: str | None) -> PruningConfig:
             for key in body:
                 if key not in allowed:
                     raise ConfigError(_unknown(key, allowed, "pruner key"), f"{ppath}.{key}", source)
+                if key in SOLVER_KEYS and policy not in SOLVER_KEYS[key]:
+                    raise ConfigError(
+                        f"is read only by {' and '.join(SOLVER_KEYS[key])} pruners, not by {policy!r}",
+                        f"{ppath}.{key}",
+                        source,
+                    )
             settings = dict(SETTING_DEFAULTS)
             settings.update(globals_)
             for k in SETTING_DEFAULTS:
@@ -254,6 +282,8 @@ def _parse_section(section: Any, source: str | None) -> PruningConfig:
                     pattern=settings["pattern"],
                     min_sparsity=settings["min_sparsity"],
                     max_sparsity=settings["max_sparsity"],
+                    dampening_frac=float(settings["dampening_frac"]),
+                    block_size=settings["block_size"],
                 )
             )
     if not pruners:
@@ -263,7 +293,8 @@ def _parse_section(section: Any, source: str | None) -> PruningConfig:
             "pruning",
             source,
         )
-    return PruningConfig(pruners=tuple(pruners), source=source)
+    targets = _parse_module_patterns(section.get("sequential_targets"), "pruning.sequential_targets", source)
+    return PruningConfig(pruners=tuple(pruners), source=source, sequential_targets=targets)
 
 
 def _window_kind(section: Mapping[str, Any], path: str, source: str | None) -> str | None:
@@ -308,6 +339,20 @@ def _parse_weights(value: Any, path: str, source: str | None) -> tuple[str, ...]
     return tuple(value)
 
 
+def _parse_module_patterns(value: Any, path: str, source: str | None) -> tuple[str, ...] | None:
+    """``sequential_targets``: module class names or module-path globs (one string or a list)."""
+    if value is None:
+        return None
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple)) or not items or not all(isinstance(v, str) and v for v in items):
+        raise ConfigError(
+            f"must be a module class name or module-path glob, or a non-empty list of them, got {value!r}",
+            path,
+            source,
+        )
+    return tuple(items)
+
+
 def _check_setting(key: str, value: Any, path: str, source: str | None) -> None:
     """Type and range checks for one setting, independent of the others."""
     if key in WINDOW_KEYS["step"] and value is None:
@@ -332,6 +377,12 @@ def _check_setting(key: str, value: Any, path: str, source: str | None) -> None:
             raise ConfigError(_unknown(value, SCOPE_NAMES, "scope"), path, source)
     elif key == "pattern":
         _check_pattern(value, path, source)
+    elif key == "dampening_frac":
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value):
+            raise ConfigError(f"must be a number >= 0, got {value!r}", path, source)
+    elif key == "block_size":
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"must be an integer >= 1, got {value!r}", path, source)
     elif key in ("min_sparsity", "max_sparsity") and value is not None:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) <= 1.0:
             raise ConfigError(f"must be a number in [0, 1] (or null for no bound), got {value!r}", path, source)
@@ -342,6 +393,8 @@ def _validate(config: PruningConfig) -> None:
     source = config.source
     if not config.pruners:
         raise ConfigError("no pruner defined", "pruning", source)
+    if config.sequential_targets is not None:
+        _parse_module_patterns(list(config.sequential_targets), "pruning.sequential_targets", source)
     seen: dict[str, str] = {}
     for p in config.pruners:
         if not isinstance(p, PrunerConfig):

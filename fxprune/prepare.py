@@ -17,8 +17,8 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
-from fxprune.config import PruningConfig, load_config
-from fxprune.errors import TraceError
+from fxprune.config import ONESHOT_ONLY_POLICIES, PruningConfig, load_config
+from fxprune.errors import ConfigError, TraceError
 from fxprune.graph_module import OriginalRoot, PreparedGraphModule, adopt_hierarchy, call_original_graph
 from fxprune.plan import make_plan
 from fxprune.pruner import Pruner, prepared_parameter_map
@@ -73,6 +73,14 @@ def prepare(
     if isinstance(model, PreparedGraphModule):
         raise TypeError("this model is already prepared; convert() it first or prepare the original")
     cfg = load_config(config)
+    for p in cfg.pruners:
+        if p.policy in ONESHOT_ONLY_POLICIES:
+            raise ConfigError(
+                f"policy {p.policy!r} rewrites the remaining weights once from calibration data and has no "
+                "training-time masks: use fxprune.oneshot(model, config, calibration) instead of prepare()",
+                p.key_path,
+                cfg.source,
+            )
     plan = make_plan(model, cfg)
     for name in _RESERVED:
         if hasattr(model, name):

@@ -42,7 +42,7 @@ import torch
 from fxprune.masked import MaskedParameter
 from fxprune.policies.base import Policy, PolicyNotReady, PolicyState
 
-__all__ = ["WandaPolicy", "WandaState", "wanda_importance", "row_ranks", "feature_sq_sums"]
+__all__ = ["WandaPolicy", "WandaState", "wanda_importance", "importance_from", "row_ranks", "feature_sq_sums"]
 
 
 class WandaState(PolicyState):
@@ -129,9 +129,14 @@ def wanda_importance(masked: MaskedParameter) -> torch.Tensor:
             "wanda has no activation statistics: run fxprune.calibrate(prepared, batches) "
             "before the mask update that prunes with wanda"
         )
-    w = masked.param.detach()
+    return importance_from(masked.param, state.sq_sum)
+
+
+def importance_from(weight: torch.Tensor, sq_sum: torch.Tensor) -> torch.Tensor:
+    """``|W| * sqrt(sq_sum)``, with ``sq_sum`` broadcast against ``weight`` (float32, float64 for float64)."""
+    w = weight.detach()
     dtype = torch.float64 if w.dtype == torch.float64 else torch.float32
-    return w.abs().to(dtype) * state.sq_sum.sqrt().to(dtype)
+    return w.abs().to(dtype) * sq_sum.sqrt().to(dtype)
 
 
 def row_ranks(importance: torch.Tensor, out_dim: int, mask: torch.Tensor) -> torch.Tensor:
