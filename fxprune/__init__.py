@@ -4,6 +4,14 @@
 ``convert(prepared)`` gives back the original model class with pruned weights.
 """
 from fxprune.calibrate import calibrate
+from fxprune.checkpoints import (
+    SavedCheckpoint,
+    load_pretrained,
+    load_sparse,
+    load_sparse_state_dict,
+    save_pretrained,
+    save_sparse,
+)
 from fxprune.config import PrunerConfig, PruningConfig, load_config
 from fxprune.convert import convert
 from fxprune.distributed import check_masks_consistent
@@ -24,6 +32,12 @@ __all__ = [
     "oneshot",
     "OneshotReport",
     "sensitivity",
+    "save_pretrained",
+    "load_pretrained",
+    "save_sparse",
+    "load_sparse",
+    "load_sparse_state_dict",
+    "SavedCheckpoint",
     "check_masks_consistent",
     "SensitivityTable",
     "Pruner",

@@ -9,5 +9,5 @@ PYTHON=${PYTHON:-python3}
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
 "$VENV/bin/python" -m pip install -q --upgrade pip >/dev/null 2>&1 || true
 "$VENV/bin/python" -m pip install -q "torch==2.14.1" "torchvision==0.29.1"
-"$VENV/bin/python" -m pip install -q -e ".[test,examples,vision,hf,timm,lightning,plot,bench]"
+"$VENV/bin/python" -m pip install -q -e ".[test,examples,vision,hf,timm,lightning,plot,bench,compressed]"
 echo "setup done: $("$VENV/bin/python" -c 'import torch, fxprune; print("torch", torch.__version__, "fxprune", fxprune.__version__)')"

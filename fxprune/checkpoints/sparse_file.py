@@ -1,0 +1,223 @@
+"""fxprune's single-file compact checkpoint: any model's ``state_dict`` in one safetensors file.
+
+Each floating-point tensor is stored in whichever of three layouts is smallest
+for it (see :mod:`fxprune.checkpoints.codec`): as it is (``dense``), as kept
+values + packed bitmask (``bitmask``, compressed-tensors' layout), or as CSR
+(``csr``, for very sparse tensors). The safetensors header's ``__metadata__``
+holds one JSON entry (key ``fxprune``) that lists every ``state_dict`` name in
+order with its layout, dtype, shape, the file keys holding its parts, the name
+it is tied to (tied tensors are stored once) and, for a non-contiguous tensor,
+the dimension order of its memory, so that :func:`load_sparse_state_dict`
+rebuilds the original ``state_dict`` bit for bit (``-0.0`` aside, see the codec).
+"""
+from __future__ import annotations
+
+import json
+import os
+from collections import OrderedDict
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from fxprune.checkpoints import codec
+from fxprune.checkpoints.extras import require
+from fxprune.errors import PruningError
+
+__all__ = ["save_sparse", "load_sparse", "load_sparse_state_dict", "write_state_dict", "check_not_prepared"]
+
+FORMAT = "fxprune-sparse"
+VERSION = 1
+_METADATA_KEY = "fxprune"
+
+
+def check_not_prepared(model: nn.Module, action: str) -> None:
+    """Refuse a model still wrapped by ``fxprune.prepare``: its state_dict holds masks, not pruned weights."""
+    from fxprune.pruner import Pruner
+
+    if isinstance(getattr(model, "pruner", None), Pruner):
+        raise PruningError(
+            f"{action}: this model is still prepared for pruning (it has a .pruner); call "
+            "fxprune.convert(prepared) first and save the converted model"
+        )
+
+
+def _storage_key(t: torch.Tensor) -> tuple:
+    if t.device.type == "meta":
+        raise PruningError("cannot save a tensor on the meta device: load the model's weights first")
+    return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
+
+
+def _memory_order(t: torch.Tensor) -> list[int] | None:
+    """Dims from outermost to innermost in memory, if ``t`` is a dense permutation that is not contiguous."""
+    if t.is_contiguous() or t.dim() < 2:
+        return None
+    order = sorted(range(t.dim()), key=lambda d: (-t.stride(d), d))
+    return order if t.permute(order).is_contiguous() else None
+
+
+def _choose(t: torch.Tensor, layouts: Iterable[str], row_offsets: bool) -> str:
+    if not t.is_floating_point() or t.numel() == 0 or t.element_size() < 2:
+        return "dense"  # integers, bools and 8-bit floats are stored as they are
+    nnz = int(codec.kept(t).sum())
+    sizes = {"dense": t.numel() * t.element_size()}
+    if "bitmask" in layouts:
+        sizes["bitmask"] = codec.bitmask_nbytes(t, nnz, row_offsets=row_offsets)
+    if "csr" in layouts:
+        sizes["csr"] = codec.csr_nbytes(t, nnz)
+    return min(sizes, key=lambda k: (sizes[k], k != "dense"))
+
+
+def _file_key(name: str, part: str, taken: set[str]) -> str:
+    key = f"{name}.{part}" if part else name
+    while key in taken:
+        key += "_"
+    taken.add(key)
+    return key
+
+
+def write_state_dict(
+    state_dict: dict[str, torch.Tensor],
+    path: str | os.PathLike,
+    *,
+    layouts: Iterable[str] = ("bitmask", "csr"),
+    row_offsets: bool = False,
+) -> dict[str, str]:
+    """Write ``state_dict`` to one safetensors file at ``path``; return ``{name: layout chosen}``.
+
+    ``layouts`` are the compact layouts allowed besides ``dense``; ``row_offsets``
+    adds compressed-tensors' row offsets to each bitmask (they cost 8 bytes a row
+    and are not needed to decode).
+    """
+    safetensors_torch = require("safetensors.torch")
+    layouts = tuple(layouts)
+    taken = set(state_dict)
+    entries, tensors, first_of, stored_ptrs = [], {}, {}, set()
+    for name, t in state_dict.items():
+        if not isinstance(t, torch.Tensor):
+            raise PruningError(f"{name}: state_dict value is a {type(t).__name__}, not a tensor")
+        entry = {"name": name, "dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape)}
+        key = _storage_key(t)
+        if key in first_of:
+            entry.update(layout="tied", tied_to=first_of[key])
+            entries.append(entry)
+            continue
+        first_of[key] = name
+        if (order := _memory_order(t)) is not None:
+            entry["memory_order"] = order
+        t = t.detach().cpu()
+        layout = _choose(t, layouts, row_offsets)
+        if layout == "dense":
+            value = t.contiguous()
+            if value.untyped_storage().data_ptr() in stored_ptrs:
+                value = value.clone()  # safetensors refuses two entries sharing memory
+            stored_ptrs.add(value.untyped_storage().data_ptr())
+            parts = {"": value}
+        elif layout == "bitmask":
+            parts = codec.encode_bitmask(t, row_offsets=row_offsets)
+            parts.pop("shape")  # the shape is in the metadata
+        else:
+            parts = codec.encode_csr(t)
+        entry["layout"] = layout
+        entry["parts"] = {}
+        for part, value in parts.items():
+            fk = name if part == "" and name not in tensors else _file_key(name, part, taken)
+            entry["parts"][part or "value"] = fk
+            tensors[fk] = value
+        entries.append(entry)
+    metadata = {_METADATA_KEY: json.dumps({"format": FORMAT, "version": VERSION, "entries": entries})}
+    safetensors_torch.save_file(tensors, os.fspath(path), metadata=metadata)
+    return {e["name"]: e["layout"] for e in entries}
+
+
+def save_sparse(model: nn.Module | dict[str, torch.Tensor], path: str | os.PathLike) -> dict[str, str]:
+    """Save a pruned model's ``state_dict`` compactly in one safetensors file.
+
+    Works for any model (CNNs, transformers, a plain ``state_dict``): each
+    floating-point tensor goes in the smallest of dense / values + packed bitmask
+    / CSR, tied tensors are stored once, and everything needed to rebuild the
+    ``state_dict`` bit for bit is in the file. Reload with :func:`load_sparse`
+    (into a model) or :func:`load_sparse_state_dict`. Returns the layout chosen
+    per name. A model still prepared by ``fxprune.prepare`` is refused: convert it first.
+    """
+    if isinstance(model, nn.Module):
+        check_not_prepared(model, "save_sparse")
+        state_dict = model.state_dict()
+    else:
+        state_dict = model
+    return write_state_dict(state_dict, path)
+
+
+def _read_entries(path: str | os.PathLike) -> tuple[list[dict], dict[str, torch.Tensor]]:
+    safetensors_torch = require("safetensors.torch")
+    safetensors = require("safetensors")
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no such checkpoint file: {path}")
+    with safetensors.safe_open(path, framework="pt") as f:
+        raw = (f.metadata() or {}).get(_METADATA_KEY)
+    if raw is None:
+        raise PruningError(f"{path}: not an fxprune sparse checkpoint (no '{_METADATA_KEY}' entry in its metadata)")
+    header = json.loads(raw)
+    if header.get("format") != FORMAT or header.get("version", 0) > VERSION:
+        raise PruningError(f"{path}: unsupported checkpoint format {header.get('format')!r} v{header.get('version')}")
+    return header["entries"], safetensors_torch.load_file(path)
+
+
+def _rebuild(entry: dict, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+    parts = {part: tensors[key] for part, key in entry["parts"].items()}
+    shape = entry["shape"]
+    if entry["layout"] == "dense":
+        t = parts["value"]
+    elif entry["layout"] == "bitmask":
+        t = codec.decode_bitmask(parts["compressed"], parts["bitmask"], shape)
+    elif entry["layout"] == "csr":
+        t = codec.decode_csr(parts["values"], parts["crow_indices"], parts["col_indices"], shape)
+    else:
+        raise PruningError(f"{entry['name']}: unknown layout {entry['layout']!r}")
+    if (order := entry.get("memory_order")) is not None:
+        inverse = sorted(range(len(order)), key=order.__getitem__)
+        t = t.permute(order).contiguous().permute(inverse)
+    return t
+
+
+def load_sparse_state_dict(path: str | os.PathLike) -> "OrderedDict[str, torch.Tensor]":
+    """The ``state_dict`` saved by :func:`save_sparse`, rebuilt on the CPU; tied names share one tensor."""
+    entries, tensors = _read_entries(path)
+    state: OrderedDict[str, torch.Tensor] = OrderedDict()
+    for entry in entries:
+        state[entry["name"]] = state[entry["tied_to"]] if entry["layout"] == "tied" else _rebuild(entry, tensors)
+    return state
+
+
+def check_loadable(state: dict[str, torch.Tensor], model: nn.Module, source: str) -> None:
+    """Raise (naming the key) unless ``state`` has exactly ``model``'s keys, shapes and dtypes."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    if missing or unexpected:
+        raise PruningError(
+            f"{source} does not match the model: missing keys {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+            f"unexpected keys {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
+        )
+    for k, v in own.items():
+        if tuple(v.shape) != tuple(state[k].shape):
+            raise PruningError(f"{source}: {k}: shape {tuple(state[k].shape)} in the file, {tuple(v.shape)} in the model")
+        if v.dtype != state[k].dtype:
+            raise PruningError(
+                f"{source}: {k}: dtype {state[k].dtype} in the file, {v.dtype} in the model; "
+                f"convert the model (model.to({state[k].dtype})) first so the weights load bit for bit"
+            )
+
+
+def load_sparse(path: str | os.PathLike, model: nn.Module) -> nn.Module:
+    """Fill ``model`` in place with the weights saved by :func:`save_sparse` and return it.
+
+    Keys, shapes and dtypes are checked before anything is copied, so a
+    mismatch leaves the model untouched and names the first offending key.
+    """
+    check_not_prepared(model, "load_sparse")
+    state = load_sparse_state_dict(path)
+    check_loadable(state, model, os.fspath(path))
+    model.load_state_dict(state, strict=True)
+    return model
