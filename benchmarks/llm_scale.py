@@ -86,6 +86,7 @@ def fxprune_child(method: str, pattern: str, result: Path, save_dir: str | None)
     from transformers import AutoModelForCausalLM
 
     import fxprune
+    from oneshot_profile import PhaseTimer
     from rss_meter import RssMeter
 
     ids = load_file(str(CALIBRATION))["input_ids"]
@@ -93,13 +94,14 @@ def fxprune_child(method: str, pattern: str, result: Path, save_dir: str | None)
     model.eval()
     model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     batches = [{"input_ids": ids[i : i + 1]} for i in range(ids.shape[0])]
-    with torch.no_grad(), RssMeter(snapshot=str(result) + ".partial") as meter:
+    timer = PhaseTimer(dump=str(result) + ".profile")
+    with torch.no_grad(), timer.patch(), RssMeter(snapshot=str(result) + ".partial") as meter:
         report = fxprune.oneshot(model, fxprune_config(method, pattern), batches)
     out = {"tool": "fxprune", "method": method, "pattern": pattern, "model_bytes": model_bytes,
            "calibration_shape": list(ids.shape), "threads": torch.get_num_threads(), **meter.as_dict()}
-    report_dict = report.to_dict() if hasattr(report, "to_dict") else {}
-    out["report_seconds"] = report_dict.get("seconds")
-    out["phases"] = report_dict.get("phases") or report_dict.get("timings")
+    out["report_seconds"] = report.seconds
+    out["profile"] = timer.as_dict()
+    out["reconstruction_errors"] = {w.name: w.error for w in report.weights}
     if save_dir:
         t0 = time.perf_counter()
         fxprune.save_pretrained(model, save_dir)
@@ -202,6 +204,11 @@ def main() -> None:
     print(f"model: TinyLlama shape, bf16, {dense_bytes / 2**30:.2f} GiB dense safetensors; "
           f"calibration {args.sequences}x{args.length} tokens; {os.cpu_count()} CPUs, shared")
     print("\n".join(_table(results, dense_bytes)))
+    for run in RUNS:
+        profile = (results.get(("fxprune", run)) or {}).get("profile")
+        if profile:
+            phases = ", ".join(f"{k} {v:.0f}/{profile['cpu_s'].get(k, 0):.0f}" for k, v in profile["wall_s"].items())
+            print(f"fxprune {run} phases (wall/CPU s): {phases}")
 
 
 if __name__ == "__main__":
