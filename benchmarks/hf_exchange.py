@@ -54,7 +54,9 @@ def add_legacy_config_keys(directory: Path) -> None:
 def save_calibration(input_ids: torch.Tensor, path: Path) -> None:
     """The calibration token ids, (sequences, length) int64, as the worker reads them."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({"input_ids": input_ids.contiguous().long()}, str(path))
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # atomic: runs in parallel may read it
+    save_file({"input_ids": input_ids.contiguous().long()}, str(tmp))
+    os.replace(tmp, path)
 
 
 def folder_bytes(directory: Path) -> int:

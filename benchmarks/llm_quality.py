@@ -161,6 +161,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--fresh", action="store_true", help="redo every pruning run")
     parser.add_argument("--only", choices=TOOLS)
+    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset to run")
     parser.add_argument("--windows", type=int, default=256, help="test windows of 256 bytes")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--model-dir", type=Path, default=MODEL_DIR, help="dense HF folder (default: llm_train.py's)")
@@ -180,7 +181,7 @@ def main() -> None:
     tools = [args.only] if args.only else list(TOOLS)
     fingerprint = model_fingerprint(model_dir)
     results = {}
-    for method in METHODS:
+    for method in [m for m in METHODS if m in args.methods.split(",")]:
         for pattern in PATTERNS:
             for tool in tools:
                 if (tool == "llmc" and method not in LLMC_METHODS) or (tool == "reference" and method != "magnitude"):

@@ -87,11 +87,12 @@ def fxprune_child(method: str, pattern: str, result: Path, save_dir: str | None)
 
     import fxprune
     from oneshot_profile import PhaseTimer
-    from rss_meter import RssMeter
+    from rss_meter import RssMeter, make_resident
 
     ids = load_file(str(CALIBRATION))["input_ids"]
     model = AutoModelForCausalLM.from_pretrained(MODEL_DIR, dtype=torch.bfloat16)
     model.eval()
+    make_resident(model)
     model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     batches = [{"input_ids": ids[i : i + 1]} for i in range(ids.shape[0])]
     timer = PhaseTimer(dump=str(result) + ".profile")

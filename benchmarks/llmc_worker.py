@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from rss_meter import RssMeter  # noqa: E402
+from rss_meter import RssMeter, make_resident  # noqa: E402
 
 # No magnitude: llm-compressor 0.6.0.1's MagnitudePruningModifier is a training-time
 # schedule, and under ``oneshot`` it fails in on_initialize (it calls
@@ -103,6 +103,7 @@ def main() -> None:
     dtype = "auto" if args.dtype == "auto" else getattr(torch, args.dtype)
     model = AutoModelForCausalLM.from_pretrained(args.model, torch_dtype=dtype)
     model.eval()
+    make_resident(model)
     decoder_layer = type(model.model.layers[0]).__name__
     modifier = _modifier(args.method, args.sparsity, args.pattern, decoder_layer)
     model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())

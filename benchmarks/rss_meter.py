@@ -18,7 +18,23 @@ import resource
 import threading
 import time
 
-__all__ = ["RssMeter", "rss_bytes"]
+__all__ = ["RssMeter", "make_resident", "rss_bytes"]
+
+
+def make_resident(model) -> None:
+    """Copies every parameter into ordinary (anonymous) memory before the baseline is taken.
+
+    transformers 5 can leave loaded weights backed by the memory-mapped
+    safetensors file: their pages become resident only when first read, so
+    pruning would show up as "extra" memory merely by touching the model.
+    Cloning each tensor (one at a time) makes the weights count in the baseline.
+    """
+    for param in model.parameters():
+        param.data = param.data.clone()
+    for module in model.modules():
+        for name, buffer in list(module._buffers.items()):
+            if buffer is not None:
+                module._buffers[name] = buffer.clone()
 
 
 def rss_bytes() -> int:
