@@ -140,6 +140,24 @@ def run_one(tool: str, run: str, save: bool, threads: int, nice: int) -> dict:
     return data
 
 
+def _partial_results(finished: dict) -> dict:
+    """Runs stopped before the end: their last snapshot (peak so far, time so far) and blocks done."""
+    partial = {}
+    for tool in TOOLS:
+        for run in RUNS:
+            path = Path(str(_result_path(tool, run)) + ".partial")
+            if (tool, run) in finished or not path.exists():
+                continue
+            data = json.loads(path.read_text())
+            data["model_bytes"] = sum(p.stat().st_size for p in MODEL_DIR.glob("*.safetensors"))
+            profile = Path(str(_result_path(tool, run)) + ".profile")
+            if profile.exists():
+                data["profile"] = json.loads(profile.read_text())
+                data["blocks_done"] = len(data["profile"]["per_block_wall_s"])
+            partial[(tool, run)] = data
+    return partial
+
+
 def _table(results: dict[tuple[str, str], dict], dense_bytes: int) -> list[str]:
     lines = ["| run | tool | wall s | CPU s | extra RSS GiB | extra / model | target <= 0.25 | time vs llmc | folder / dense |",
              "|---|---|---|---|---|---|---|---|---|"]
@@ -152,6 +170,9 @@ def _table(results: dict[tuple[str, str], dict], dense_bytes: int) -> list[str]:
                 continue
             ratio = data["extra_rss_bytes"] / data["model_bytes"]
             verdict = "" if tool == "llmc" else ("PASS" if ratio <= MEMORY_TARGET else "FAIL")
+            if data.get("unfinished"):
+                done = data.get("blocks_done")
+                verdict = f"UNFINISHED ({done if done is not None else '?'}/22 blocks; {verdict} so far)"
             other = results.get(("llmc", run))
             speed = ""
             if tool == "fxprune" and other:
@@ -193,6 +214,7 @@ def main() -> None:
             path = _result_path(tool, run)
             if path.exists() and not (args.fresh and run in selected and tool in tools):
                 results[(tool, run)] = json.loads(path.read_text())
+    partial = _partial_results(results) if args.table else {}
     if not args.table:
         for run in selected:
             for tool in tools:
@@ -204,12 +226,15 @@ def main() -> None:
                 print(f"  {json.dumps(results[(tool, run)])}", flush=True)
     print(f"model: TinyLlama shape, bf16, {dense_bytes / 2**30:.2f} GiB dense safetensors; "
           f"calibration {args.sequences}x{args.length} tokens; {os.cpu_count()} CPUs, shared")
-    print("\n".join(_table(results, dense_bytes)))
+    print("\n".join(_table({**partial, **results}, dense_bytes)))
     for run in RUNS:
-        profile = (results.get(("fxprune", run)) or {}).get("profile")
+        profile = ({**partial, **results}.get(("fxprune", run)) or {}).get("profile")
         if profile:
             phases = ", ".join(f"{k} {v:.0f}/{profile['cpu_s'].get(k, 0):.0f}" for k, v in profile["wall_s"].items())
             print(f"fxprune {run} phases (wall/CPU s): {phases}")
+            for block in profile["per_block_wall_s"]:
+                cells = ", ".join(f"{k} {v:.0f}" for k, v in block.items() if k != "block")
+                print(f"    {block['block']}: {cells} (wall s)")
 
 
 if __name__ == "__main__":
