@@ -107,15 +107,31 @@ def reference_magnitude(model_dir: Path, pattern: str):
 
 
 def llmc_prune(model_dir: Path, method: str, pattern: str):
-    from transformers import AutoModelForCausalLM
+    """Runs llm-compressor in its venv; reads its pruned weights back into the dense model.
+
+    Only the weights are read: llm-compressor 0.6 writes a compression config into
+    ``config.json`` that transformers 5 would hand to a newer compressed-tensors.
+    A worker result newer than the dense model is reused (``--fresh`` redoes it).
+    """
+    from safetensors.torch import load_file
 
     out_dir = CACHE / f"quality-llmc-{method}-{pattern.replace(':', '')}"
     result = CACHE / f"quality-llmc-{method}-{pattern.replace(':', '')}.run.json"
-    data = run_llmc(["--model", str(model_dir), "--calibration", str(CALIBRATION), "--method", method,
-                     "--pattern", pattern, "--dtype", "float32", "--threads", "1", "--result", str(result),
-                     "--save-dense", str(out_dir)], result.with_suffix(".log"))
-    model = AutoModelForCausalLM.from_pretrained(out_dir, dtype=torch.float32).eval()
-    return model, {"worker": data}
+    newest_model = max(p.stat().st_mtime for p in model_dir.glob("*.safetensors"))
+    if result.exists() and (out_dir / "model.safetensors").exists() and result.stat().st_mtime > newest_model:
+        data = json.loads(result.read_text())
+    else:
+        data = run_llmc(["--model", str(model_dir), "--calibration", str(CALIBRATION), "--method", method,
+                         "--pattern", pattern, "--dtype", "float32", "--threads", "1", "--result", str(result),
+                         "--save-dense", str(out_dir)], result.with_suffix(".log"))
+    model = load_dense(model_dir)
+    state = {}
+    for path in sorted(out_dir.glob("*.safetensors")):
+        state.update(load_file(str(path)))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected or [k for k in missing if "layers" in k]:
+        raise RuntimeError(f"llm-compressor folder {out_dir}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    return model.eval(), {"worker": data}
 
 
 def achieved_sparsity(model) -> float:
@@ -162,6 +178,7 @@ def main() -> None:
     parser.add_argument("--fresh", action="store_true", help="redo every pruning run")
     parser.add_argument("--only", choices=TOOLS)
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset to run")
+    parser.add_argument("--patterns", default=",".join(PATTERNS), help="comma-separated subset to run")
     parser.add_argument("--windows", type=int, default=256, help="test windows of 256 bytes")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--model-dir", type=Path, default=MODEL_DIR, help="dense HF folder (default: llm_train.py's)")
@@ -182,7 +199,7 @@ def main() -> None:
     fingerprint = model_fingerprint(model_dir)
     results = {}
     for method in [m for m in METHODS if m in args.methods.split(",")]:
-        for pattern in PATTERNS:
+        for pattern in [p for p in PATTERNS if p in args.patterns.split(",")]:
             for tool in tools:
                 if (tool == "llmc" and method not in LLMC_METHODS) or (tool == "reference" and method != "magnitude"):
                     continue
