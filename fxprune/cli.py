@@ -108,11 +108,12 @@ def schedule(config: str, epochs: int | None, steps: int | None, steps_per_epoch
 
 @cli.command()
 @click.argument("checkpoint", type=click.Path(exists=True, dir_okay=False))
-def report(checkpoint: str) -> None:
+@click.option("--all", "all_parameters", is_flag=True, help="List every tensor, not only the weight matrices.")
+def report(checkpoint: str, all_parameters: bool) -> None:
     """Print the sparsity table of a saved state_dict (torch.save) or a compact .safetensors file."""
     from fxprune.report import checkpoint_sparsity
 
-    click.echo(str(checkpoint_sparsity(checkpoint)))
+    click.echo(str(checkpoint_sparsity(checkpoint, all_parameters=all_parameters)))
 
 
 @cli.command()

@@ -241,18 +241,24 @@ class ScheduleTable(list):
         return format_table((self.unit, *names), body, right=tuple(range(len(names) + 1)))
 
 
-def state_dict_sparsity(state_dict: Mapping[str, Any]) -> SparsityReport:
+def state_dict_sparsity(state_dict: Mapping[str, Any], *, all_parameters: bool = False) -> SparsityReport:
     """Sparsity per floating-point tensor of a ``state_dict`` (integer buffers such as step counters are left
-    out); ``pruned`` is unknown (``None``), as for a plain model."""
+    out); ``pruned`` is unknown (``None``), as for a plain model.
+
+    Without the model, which tensors are weights is read from their shapes: the table lists the tensors of two
+    or more dimensions (Linear, Conv, Embedding weights), not biases and norm scales;
+    ``all_parameters=True`` lists every one.
+    """
     rows = [
         ParameterSparsity(name, tuple(t.shape), t.numel(), int((t == 0).sum()), None)
         for name, t in state_dict.items()
         if isinstance(t, torch.Tensor) and (t.is_floating_point() or t.is_complex())
     ]
-    return SparsityReport(rows=tuple(rows))
+    matrices = frozenset(r.name for r in rows if len(r.shape) >= 2)
+    return SparsityReport(rows=tuple(rows), all_parameters=all_parameters, listed_by_default=matrices)
 
 
-def checkpoint_sparsity(path: str | os.PathLike) -> SparsityReport:
+def checkpoint_sparsity(path: str | os.PathLike, *, all_parameters: bool = False) -> SparsityReport:
     """The sparsity table of a saved checkpoint: a ``torch.save``-d ``state_dict`` (or a dict holding one under
     ``state_dict`` / ``model``), or a ``.safetensors`` file written by ``fxprune.save_sparse``.
 
@@ -267,7 +273,7 @@ def checkpoint_sparsity(path: str | os.PathLike) -> SparsityReport:
         load = getattr(fxprune, "load_sparse_state_dict", None)
         if load is None:
             raise PruningError(f"{path}: reading .safetensors needs fxprune.load_sparse_state_dict (fxprune.save_sparse)")
-        return state_dict_sparsity(load(path))
+        return state_dict_sparsity(load(path), all_parameters=all_parameters)
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle errors, non-tensor objects refused by weights_only, truncated files
@@ -278,7 +284,7 @@ def checkpoint_sparsity(path: str | os.PathLike) -> SparsityReport:
             data = data[key]
     if not isinstance(data, Mapping) or not any(isinstance(v, torch.Tensor) for v in data.values()):
         raise PruningError(f"{path}: holds no state_dict (a mapping of names to tensors)")
-    return state_dict_sparsity(data)
+    return state_dict_sparsity(data, all_parameters=all_parameters)
 
 
 @dataclass

@@ -109,6 +109,10 @@ def test_report_of_a_saved_state_dict(tmp_path):
     assert r.returncode == 0, r.stderr
     rows = {line.split()[0]: line.split() for line in r.stdout.splitlines()[2:]}
     assert rows["0.weight"][1:5] == ["4x6", "24", "12", "0.5000"]
+    assert "1.weight" not in rows and "0.bias" not in rows  # 1-D tensors only with --all
+    everything = run("report", "--all", str(path))
+    rows = {line.split()[0]: line.split() for line in everything.stdout.splitlines()[2:]}
+    assert rows["1.weight"][1:5] == ["4", "4", "0", "0.0000"] and "0.bias" in rows
     assert "1.num_batches_tracked" not in rows  # integer buffers are not weights
     junk = tmp_path / "junk.pt"
     junk.write_text("not a checkpoint")
@@ -134,14 +138,22 @@ def test_speedup_with_config(tmp_path):
     assert result.exit_code == 2 and "--input-shape" in result.output
 
 
-def test_safetensors_path_uses_load_sparse_state_dict(tmp_path, monkeypatch):
-    """The compact-file route of ``fxprune report``: it reads through fxprune.load_sparse_state_dict."""
-    from fxprune.report import checkpoint_sparsity
-
-    path = tmp_path / "m.safetensors"
-    path.write_bytes(b"")
-    monkeypatch.setattr(fxprune, "load_sparse_state_dict", lambda p: {"w": torch.zeros(2, 2)}, raising=False)
-    assert checkpoint_sparsity(path)["w"].zeros == 4
+def test_report_of_a_compact_file_matches_the_state_dict(tmp_path):
+    """``fxprune report`` on a ``save_sparse`` file prints the same table as on the model's torch.save'd state_dict."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4))
+    with torch.no_grad():
+        model[0].weight[:, ::4] = 0  # 25% zeros
+        model[2].weight[:, 1:] = 0  # 87.5% zeros: stored sparse
+    compact, dense = tmp_path / "m.safetensors", tmp_path / "m.pt"
+    fxprune.save_sparse(model, compact)
+    torch.save(model.state_dict(), dense)
+    from_compact, from_dense = run("report", str(compact)), run("report", str(dense))
+    assert from_compact.returncode == 0, from_compact.stderr
+    assert from_compact.stdout == from_dense.stdout
+    rows = {line.split()[0]: line.split() for line in from_compact.stdout.splitlines()[2:] if line.strip()}
+    assert rows["2.weight"][1:5] == ["4x8", "32", "28", "0.8750"]
+    assert rows["0.weight"][1:5] == ["8x16", "128", "32", "0.2500"]
 
 
 def test_model_specs(tmp_path):
