@@ -94,7 +94,8 @@ def convert(
             raise PruningError("convert(semi_structured=True): no weight is pruned with pattern '2:4' (or N:4, N <= 2)")
     _warn_unapplied(prepared.pruner)
     if physical:  # the masked model's outputs, before anything changes (inplace=True consumes it)
-        from fxprune.structured.verify import eval_outputs, on_model_device, split_example
+        from fxprune.prepare import split_example
+        from fxprune.structured.verify import eval_outputs, on_model_device
 
         example = channel_plan.example if example_inputs is None else split_example(example_inputs)
         reference = None

@@ -66,7 +66,7 @@ class KernelChoice:
 
 
 def _split_example(example: Any) -> tuple[tuple, dict]:
-    from fxprune.prepare import _split_example as split  # one reading of example_inputs for the whole package
+    from fxprune.prepare import split_example as split  # one reading of example_inputs for the whole package
 
     return split(example)
 

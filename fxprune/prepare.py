@@ -109,7 +109,7 @@ def prepare(
             raise TraceError(f"the model already has an attribute {name!r}, which fxprune needs on the prepared model")
 
     owners = {alias.rpartition(".")[0] for t in plan.targets for alias in t.aliases}
-    example = None if example_inputs is None else _split_example(example_inputs)
+    example = None if example_inputs is None else split_example(example_inputs)
     reference = _reference_outputs(model, example) if inplace and example is not None else None
     built: list[tuple[nn.Module, list]] = []  # (root, targets) of the rewrite in force, for _undo
     try:
@@ -239,7 +239,8 @@ def _build(
     return gm, work, targets, captured
 
 
-def _split_example(example: Any) -> tuple[tuple, dict]:
+def split_example(example: Any) -> tuple[tuple, dict]:
+    """``example_inputs`` as ``prepare`` takes them (a tuple of args, a dict of kwargs, ``(args, kwargs)``, a tensor)."""
     if isinstance(example, dict):
         return (), dict(example)
     if isinstance(example, tuple):

@@ -13,7 +13,7 @@ the check leaves no mark on either.
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 from torch import nn
@@ -22,7 +22,7 @@ from torch.utils import _pytree as pytree
 from fxprune.errors import PruningError
 from fxprune.trace import leaving_no_trace, output_tensors
 
-__all__ = ["eval_outputs", "outputs_match", "check_shrunk", "split_example", "on_model_device"]
+__all__ = ["eval_outputs", "outputs_match", "check_shrunk", "on_model_device"]
 
 
 def eval_outputs(model: nn.Module, example: tuple[tuple, dict]) -> list[torch.Tensor]:
@@ -90,17 +90,6 @@ def _run(model: nn.Module, example: tuple[tuple, dict], reference: list[torch.Te
     except Exception as e:  # noqa: BLE001 - a crash is the clearest difference of all
         return f"its forward raises {type(e).__name__}: {e}"
     return outputs_match(got, reference)
-
-
-def split_example(example: Any) -> tuple[tuple, dict]:
-    """``example_inputs`` as ``prepare`` takes them (a tuple of args, a dict of kwargs, ``(args, kwargs)``, a tensor)."""
-    if isinstance(example, dict):
-        return (), dict(example)
-    if isinstance(example, tuple):
-        if len(example) == 2 and isinstance(example[0], tuple) and isinstance(example[1], dict):
-            return example[0], dict(example[1])
-        return example, {}
-    return (example,), {}
 
 
 def on_model_device(example: tuple[tuple, dict], model: nn.Module) -> tuple[tuple, dict]:
