@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["HighSparsityWarning", "HIGH_SPARSITY", "warn_high_sparsity"]
+__all__ = ["HighSparsityWarning", "HIGH_SPARSITY", "warn_high_sparsity", "collapse_findings", "emit_high_sparsity"]
 
 
 class HighSparsityWarning(UserWarning):
@@ -38,6 +38,16 @@ def warn_high_sparsity(pruner: Any, names: list[str], old: list[torch.Tensor], n
     ``default_cap`` is the cap of a global pruner whose ``max_sparsity`` is
     unset (None otherwise: an explicit cap is the user's choice).
     """
+    emit_high_sparsity(pruner, *collapse_findings(names, old, new, default_cap), default_cap)
+
+
+def collapse_findings(names: list[str], old: list[torch.Tensor], new: list[torch.Tensor],
+                      default_cap: float | None) -> tuple[list[str], list[str]]:
+    """The tensors an update took above 0.99 (``high``) or to the default cap (``capped``), as report lines.
+
+    Separate from the warning so that an update done one tensor at a time
+    (:func:`fxprune.masks.select_masks_per_tensor`) still warns once, naming all of them.
+    """
     high, capped = [], []
     for name, before_mask, mask in zip(names, old, new):
         n = mask.numel()
@@ -48,12 +58,17 @@ def warn_high_sparsity(pruner: Any, names: list[str], old: list[torch.Tensor], n
             high.append(f"{name} {pruned / n:.4f} ({n - pruned} of {n} weights left)")
         elif default_cap is not None and pruned >= math.floor(default_cap * n + 1e-9):
             capped.append(f"{name} {pruned / n:.4f}")
+    return high, capped
+
+
+def emit_high_sparsity(pruner: Any, high: list[str], capped: list[str], default_cap: float | None) -> None:
+    """One warning per kind for one pruner's update (see :func:`collapse_findings`)."""
     if high:
         warnings.warn(
             f"{pruner.key_path}: pruned above {HIGH_SPARSITY} sparsity: {'; '.join(high)}. A layer this empty "
             "rarely works; lower the target or bound the layer (scope: global takes max_sparsity)",
             HighSparsityWarning,
-            stacklevel=3,
+            stacklevel=4,
         )
     if capped:
         warnings.warn(
@@ -61,5 +76,5 @@ def warn_high_sparsity(pruner: Any, names: list[str], old: list[torch.Tensor], n
             f"(the global threshold would prune them further): {'; '.join(capped)}. Other tensors are pruned more "
             "to keep the overall count; set max_sparsity (1.0 for no cap) to choose",
             HighSparsityWarning,
-            stacklevel=3,
+            stacklevel=4,
         )

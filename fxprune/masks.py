@@ -21,17 +21,18 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
 from fxprune.config import PrunerConfig, nm_ratio
 from fxprune.errors import ConfigError, PruningError
 from fxprune.masked import MaskedParameter
-from fxprune.layer_collapse import warn_high_sparsity
+from fxprune.layer_collapse import collapse_findings, emit_high_sparsity, warn_high_sparsity
 
 __all__ = [
     "count_to_prune",
+    "select_masks_per_tensor",
     "local_unstructured_mask",
     "kth_smallest",
     "global_unstructured_masks",
@@ -578,6 +579,34 @@ def select_masks(
     warn_high_sparsity(pruner, [_name(pruner, mp, i) for i, mp in enumerate(group)], [mp.mask for mp in group], new,
                        _cap(pruner) if getattr(pruner, "max_sparsity", None) is None else None)
     return new
+
+
+def select_masks_per_tensor(
+    pruner: PrunerConfig,
+    group: list[MaskedParameter],
+    scores_of: Callable[[int], torch.Tensor],
+    goal: float,
+    apply: Callable[[int, torch.Tensor], None],
+) -> None:
+    """:func:`select_masks` one weight at a time, for pruners where :func:`selects_per_tensor` holds.
+
+    Each weight is scored (``scores_of(i)``), given its new mask (``apply(i, mask)``)
+    and its temporaries freed before the next, so an update needs the scratch
+    memory of the largest weight, not of the whole model; the masks are the
+    ones :func:`select_masks` gives for the whole group, and it warns once for the
+    update, naming every tensor taken above 0.99.
+    """
+    assert selects_per_tensor(pruner), pruner.key_path
+    cap = _cap(pruner) if getattr(pruner, "max_sparsity", None) is None else None
+    high: list[str] = []
+    capped: list[str] = []
+    for i, mp in enumerate(group):
+        (new,) = _select_masks(pruner, [mp], [scores_of(i)], goal)
+        h, c = collapse_findings([_name(pruner, mp, i)], [mp.mask], [new], cap)
+        high += h
+        capped += c
+        apply(i, new)
+    emit_high_sparsity(pruner, high, capped, cap)
 
 
 def _select_masks(

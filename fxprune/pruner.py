@@ -47,7 +47,7 @@ from fxprune.config import PrunerConfig, PruningConfig
 from fxprune.distributed import broadcast_masks
 from fxprune.errors import PruningError
 from fxprune.masked import MaskedParameter
-from fxprune.masks import select_masks, selects_per_tensor
+from fxprune.masks import select_masks, select_masks_per_tensor, selects_per_tensor
 from fxprune.plan import PruningPlan
 from fxprune.policies import POLICIES, Policy, PolicyNotReady
 from fxprune.report import PrepareReport, ScheduleTable
@@ -364,8 +364,8 @@ class Pruner(nn.Module):
             elif selects_per_tensor(p):
                 # One tensor at a time: its scores and new mask are freed before the next is scored, so an
                 # update needs the temporaries of the largest weight, not scores for the whole model.
-                for t in mine:
-                    t.masked.set_mask(select_masks(p, [t.masked], [self._policy_scores(p, t)], goal)[0])
+                select_masks_per_tensor(p, group, lambda j: self._policy_scores(p, mine[j]), goal,
+                                        lambda j, mask: group[j].set_mask(mask))
             else:
                 scores = [self._policy_scores(p, t) for t in mine]
                 for m, mask in zip(group, select_masks(p, group, scores, goal)):
