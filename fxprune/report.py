@@ -268,12 +268,9 @@ def checkpoint_sparsity(path: str | os.PathLike, *, all_parameters: bool = False
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such file")
     if path.endswith(".safetensors"):
-        import fxprune
+        from fxprune.checkpoints import load_sparse_state_dict  # its extra is checked (and named) inside
 
-        load = getattr(fxprune, "load_sparse_state_dict", None)
-        if load is None:
-            raise PruningError(f"{path}: reading .safetensors needs fxprune.load_sparse_state_dict (fxprune.save_sparse)")
-        return state_dict_sparsity(load(path), all_parameters=all_parameters)
+        return state_dict_sparsity(load_sparse_state_dict(path), all_parameters=all_parameters)
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle errors, non-tensor objects refused by weights_only, truncated files
