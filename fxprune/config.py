@@ -101,7 +101,12 @@ SOLVER_KEYS: dict[str, tuple[str, ...]] = {"dampening_frac": ("sparsegpt",), "bl
 
 #: Keys of the whole section only (not per pruner). ``sequential_targets``: which modules
 #: fxprune.oneshot calibrates one at a time (class names or module-path globs); default: found.
-SECTION_KEYS = ("sequential_targets",)
+#: ``calibration_dtype``: the dtype fxprune.oneshot runs each block in while it calibrates it.
+SECTION_KEYS = ("sequential_targets", "calibration_dtype")
+
+#: ``auto``: float32 for a bfloat16/float16 block on CPU (CPU half-precision matmuls are several
+#: times slower than float32 ones), the block's own dtype elsewhere; ``model``: always its own.
+CALIBRATION_DTYPES = ("auto", "model", "float32")
 
 #: The two kinds of schedule window. One section (the global keys, or one pruner) uses one kind;
 #: a pruner that sets window keys of its own uses its own kind, otherwise it inherits the global kind.
@@ -188,12 +193,19 @@ class PruningConfig:
     pruners: tuple[PrunerConfig, ...] = field(default_factory=lambda: (PrunerConfig(),))
     source: str | None = None
     sequential_targets: tuple[str, ...] | None = None
+    calibration_dtype: str = "auto"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "pruners", tuple(self.pruners))
         if isinstance(self.sequential_targets, (list, str)):
             value = self.sequential_targets
             object.__setattr__(self, "sequential_targets", tuple([value] if isinstance(value, str) else value))
+        if self.calibration_dtype not in CALIBRATION_DTYPES:
+            raise ConfigError(
+                f"calibration_dtype must be one of {', '.join(CALIBRATION_DTYPES)}, got {self.calibration_dtype!r}",
+                "pruning.calibration_dtype",
+                self.source,
+            )
         _validate(self)
 
     def to_dict(self) -> dict[str, Any]:
@@ -207,6 +219,8 @@ class PruningConfig:
             section.setdefault(p.policy, {})[p.name] = body
         if self.sequential_targets is not None:
             section["sequential_targets"] = list(self.sequential_targets)
+        if self.calibration_dtype != "auto":
+            section["calibration_dtype"] = self.calibration_dtype
         return {"pruning": section}
 
 
@@ -323,7 +337,14 @@ def _parse_section(section: Any, source: str | None) -> PruningConfig:
             source,
         )
     targets = _parse_module_patterns(section.get("sequential_targets"), "pruning.sequential_targets", source)
-    return PruningConfig(pruners=tuple(pruners), source=source, sequential_targets=targets)
+    dtype = section.get("calibration_dtype", "auto")
+    if dtype not in CALIBRATION_DTYPES:
+        raise ConfigError(
+            f"calibration_dtype must be one of {', '.join(CALIBRATION_DTYPES)}, got {dtype!r}",
+            "pruning.calibration_dtype",
+            source,
+        )
+    return PruningConfig(pruners=tuple(pruners), source=source, sequential_targets=targets, calibration_dtype=dtype)
 
 
 def _window_kind(section: Mapping[str, Any], path: str, source: str | None) -> str | None:

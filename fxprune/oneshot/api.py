@@ -31,6 +31,7 @@ from fxprune.config import PruningConfig, load_config, nm_ratio
 from fxprune.errors import ConfigError, PruningError
 from fxprune.observe import WeightInputObserver
 from fxprune.oneshot.blocks import block_of, find_blocks
+from fxprune.oneshot.precision import compute_dtype, computing_in, release_freed_memory
 from fxprune.oneshot.report import OneshotReport, WeightResult
 from fxprune.oneshot.runner import call_model, capture_calls, move_calls, replay_tail, run_block
 from fxprune.oneshot.solve import check_width, prune_matrix
@@ -212,7 +213,9 @@ def _prune_keys(
                 raise PruningError(f"weight {name!r}: the calibration batches gave it no tokens while running {where}")
             read = collector.reads[key]
             check_width(tuple(read.matrix(params[name]).shape), plan.pruners[_pruner_of(plan, name)], name)
-    order = sorted(collector.reads, key=lambda k: id(collector.group_of[k]))
+    # The widest inputs first (a Llama's down_proj): their solve is the largest temporary, and it then
+    # runs while the fewest other statistics are still held. Keys sharing statistics stay together.
+    order = sorted(collector.reads, key=lambda k: (-collector.group_of[k].in_features, id(collector.group_of[k])))
     for key in order:
         name = key[0]
         if name not in by_name:
@@ -220,7 +223,10 @@ def _prune_keys(
         read = collector.reads[key]
         stats = collector.group_of[key]
         label = name if key[1] is None else f"{name}[expert {key[1]}]"
-        solved = prune_matrix(read.matrix(params[name]), plan.pruners[_pruner_of(plan, name)], stats, label)
+        last = len(collector.members(stats)) == 1
+        solved = prune_matrix(
+            read.matrix(params[name]), plan.pruners[_pruner_of(plan, name)], stats, label, last_use=last
+        )
         results.add(name, solved, collector.rows_seen[key], block)
         collector.pop_group(key)
         del stats
@@ -271,9 +277,12 @@ class _Sequential:
                     block.to(self.device)
                 try:
                     names = inside.get(i, [])
+                    dtype = compute_dtype(block, self.cfg.calibration_dtype, self.device)
                     if names:
-                        self._prune_block(path, block, names, hidden, captured.calls[i])
-                    hidden = list(run_block(block, hidden, captured.calls[i]))
+                        self._prune_block(path, block, names, hidden, captured.calls[i], dtype)
+                    with computing_in(block, dtype):  # the pruned weights as the model's dtype holds them
+                        hidden = list(run_block(block, hidden, captured.calls[i], dtype=dtype))
+                    release_freed_memory()
                 finally:
                     if self.device is not None and home is not None:
                         block.to(home)
@@ -287,11 +296,14 @@ class _Sequential:
                 ) from None
             raise
 
-    def _prune_block(self, path, block, names, hidden, calls) -> None:
+    def _prune_block(self, path, block, names, hidden, calls, dtype) -> None:
         collector = _collector(self.plan, self.params)
-        with WeightInputObserver(block, {n: self.params[n] for n in names}, collector):
-            for _ in run_block(block, hidden, calls, after_each=collector.end_batch):
+        # Only the forward runs in the compute dtype: the solvers work in float32 on their own copies,
+        # and the block back in its own dtype meanwhile keeps the float32 block out of the solve's peak.
+        with computing_in(block, dtype), WeightInputObserver(block, {n: self.params[n] for n in names}, collector):
+            for _ in run_block(block, hidden, calls, after_each=collector.end_batch, dtype=dtype):
                 pass
+        release_freed_memory()  # the forward's activations: freed, but glibc keeps them resident otherwise
         _prune_keys(collector, names, self.params, self.plan, self.results, path, f"block {path!r}")
         self.pruned_blocks.append(path)
 

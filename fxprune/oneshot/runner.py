@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from fxprune.errors import PruningError
+from fxprune.oneshot.precision import cast_floating
 
 __all__ = ["BlockCall", "Captured", "call_model", "capture_calls", "move_calls", "run_block", "replay_tail", "hidden_of"]
 
@@ -245,11 +246,25 @@ def move_calls(captured: Captured, device: torch.device | None) -> None:
 
 
 def run_block(
-    block: nn.Module, hidden: list[torch.Tensor], calls: list[BlockCall], after_each: Callable[[], None] | None = None
+    block: nn.Module,
+    hidden: list[torch.Tensor],
+    calls: list[BlockCall],
+    after_each: Callable[[], None] | None = None,
+    dtype: torch.dtype | None = None,
 ) -> Iterator[torch.Tensor]:
-    """The block's output hidden states for every batch, one at a time."""
+    """The block's output hidden states for every batch, one at a time.
+
+    With ``dtype`` (see :mod:`fxprune.oneshot.precision`) the stored inputs and
+    floating arguments are cast to it for the call and the output back to the
+    stored hidden states' dtype.
+    """
     for x, call in zip(hidden, calls):
-        out = hidden_of(call.call(block, x))
+        if dtype is None:
+            out = hidden_of(call.call(block, x))
+        else:
+            memo: dict[int, Any] = {}
+            cast = BlockCall(cast_floating(call.args, dtype, memo), cast_floating(call.kwargs, dtype, memo), call.hidden_key)
+            out = hidden_of(cast.call(block, x.to(dtype))).to(x.dtype)
         if after_each is not None:
             after_each()
         yield out

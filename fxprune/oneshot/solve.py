@@ -97,8 +97,14 @@ def _wanda_keep(matrix: torch.Tensor, sq_sum: torch.Tensor, pruner: PrunerConfig
 
 
 @torch.no_grad()
-def prune_matrix(matrix: torch.Tensor, pruner: PrunerConfig, stats: InputStatistics | None, name: str) -> SolveResult:
-    """Prune ``matrix`` (an ``[out, in]`` view of the parameter) in place per ``pruner``'s policy."""
+def prune_matrix(
+    matrix: torch.Tensor, pruner: PrunerConfig, stats: InputStatistics | None, name: str, *, last_use: bool = False
+) -> SolveResult:
+    """Prune ``matrix`` (an ``[out, in]`` view of the parameter) in place per ``pruner``'s policy.
+
+    ``last_use``: no other weight will read ``stats`` afterwards, so SparseGPT may
+    factorize its ``H`` in place (``stats`` is unusable after).
+    """
     check_width(tuple(matrix.shape), pruner, name)
     policy = pruner.policy
     if policy in ("wanda", "sparsegpt") and stats is None:
@@ -108,6 +114,7 @@ def prune_matrix(matrix: torch.Tensor, pruner: PrunerConfig, stats: InputStatist
         assert stats is not None
         nm = nm_ratio(pruner.pattern)
         energy = stats.output_energy(matrix)
+        live = stats.sq_sum > 0
         result = sparsegpt_prune(
             matrix,
             stats.hessian_sum(),
@@ -116,10 +123,12 @@ def prune_matrix(matrix: torch.Tensor, pruner: PrunerConfig, stats: InputStatist
             block_size=pruner.block_size,
             dampening=pruner.dampening_frac,
             name=name,
+            overwrite_hessian=last_use,
         )
+        if last_use:
+            stats.h_sum = None  # holds the factorization now, not H
         new, _ = result
         # tr(dW H dW^T) = the solver's damped loss minus the damping's share (dead inputs excluded: H is 0 there).
-        live = stats.sq_sum > 0
         dw_sq = sum(
             float(torch.linalg.vector_norm((a.to(torch.float32) - b.to(torch.float32))[:, live])) ** 2
             for a, b in zip(matrix.split(_SLAB), new.split(_SLAB))

@@ -11,12 +11,14 @@ cheapest form of ``X`` that answers those questions:
   stored once for them (three to one for q/k/v). Groups are found by
   comparing the rows of the reads of one batch (same tensor, or equal
   values); a group that stops agreeing later is split;
-- while a group has seen at most ``in`` rows, the rows themselves are kept
-  (float32, no larger than ``H`` would be): the error
-  then costs one ``[n, in] x [in, out]`` product instead of ``[out, in] x
-  [in, in]``, and Wanda needs no ``H`` at all. Past ``in`` rows the rows are
-  folded into ``H`` (smaller from then on) and the error is computed from it:
-  ``tr(dW H dW^T) / tr(W H W^T)``.
+- while a group that needs no ``H`` (Wanda, magnitude) has seen at most
+  ``in`` rows, the rows themselves are kept (float32, no larger than ``H``
+  would be): the error then costs one ``[n, in] x [in, out]`` product instead
+  of ``[out, in] x [in, in]``, and Wanda needs no ``H`` at all. Past ``in``
+  rows, or as soon as a member needs ``H`` (SparseGPT), the rows are folded
+  into ``H`` and only ``H`` is kept: keeping both would hold one block's
+  largest input twice (down_proj of a 1B Llama: 92 MB of rows beside a 127 MB
+  ``H``). The error is then computed from ``H``: ``tr(dW H dW^T) / tr(W H W^T)``.
 
 ``H`` is the plain sum ``sum_x x x^T`` in float32 (its scale cancels in every
 use). Keys are ``(weight name, expert index or None)``: a stacked-experts
@@ -56,11 +58,11 @@ class InputStatistics:
         self.n_rows += rows.shape[0]
         if self.h_sum is not None:
             self.h_sum.addmm_(rows.t(), rows)
-        if self.rows is not None:
+            self.rows = None
+        elif self.rows is not None:
             self.rows.append(rows)
             if self.n_rows > self.in_features:  # H is now the smaller form: keep only it
                 self.hessian_sum()
-                self.rows = None
 
     def without(self, rows: torch.Tensor) -> "InputStatistics":
         """A copy without one earlier :meth:`add` of ``rows`` (to split a group; ``H`` up to float32 rounding)."""
@@ -86,6 +88,7 @@ class InputStatistics:
             self.h_sum = self._zeros()
             for r in self.rows or ():
                 self.h_sum.addmm_(r.t(), r)
+        self.rows = None  # folded in: from now on only H is kept
         return self.h_sum
 
     @property
@@ -117,7 +120,7 @@ class InputStatistics:
         return total
 
 
-_SLAB = 1024  # output rows per float32 slab
+_SLAB = 256  # output rows per float32 slab (two slab-sized temporaries: 6 MB for a 5632-wide input)
 
 
 class InputCollector:
