@@ -15,7 +15,7 @@ a random Llama (hidden 1024, 8 layers, bf16) at 50% unstructured and at 2:4.
 * for the Llama also ``fxprune.save_pretrained`` (compressed-tensors format) vs
   the dense ``model.save_pretrained`` (``--hf``).
 
-Run: ``PYTHONPATH=. nice -n 10 .venv/bin/python benchmarks/checkpoint_size.py [--quick] [--hf] [--repeats N]``
+Run: ``PYTHONPATH=. nice -n 10 .venv/bin/python benchmarks/checkpoint_size.py [--quick] [--hf] [--repeats N] [--threads N]``
 """
 from __future__ import annotations
 
@@ -163,8 +163,11 @@ def main() -> None:
     parser.add_argument("--hf", action="store_true", help="also the Hugging Face folder formats (slow)")
     parser.add_argument("--repeats", type=int, default=None, help="timing rounds (default 9, --quick 3)")
     parser.add_argument("--cases", default="resnet50-70,resnet50-90,llama-50,llama-24")
+    parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (load_sparse decodes "
+                        "tensors on that many threads; torch.load reads on one)")
     args = parser.parse_args()
     repeats = args.repeats or (3 if args.quick else 9)
+    torch.set_num_threads(args.threads)
     cases = args.cases.split(",")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, "
           f"load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}", flush=True)
