@@ -176,6 +176,28 @@ def test_tied_in_the_file_separate_in_the_model(tmp_path):
     assert torch.equal(separate.head.weight, source.emb.weight) and torch.equal(separate.emb.weight, source.emb.weight)
 
 
+def test_separate_in_the_file_tied_in_the_model_keeps_load_state_dicts_last_copy(tmp_path):
+    class Pair(nn.Module):
+        def __init__(self, tie: bool):
+            super().__init__()
+            self.a = nn.Linear(64, 64, bias=False)
+            self.b = nn.Linear(64, 64, bias=False)
+            if tie:
+                self.b.weight = self.a.weight
+
+    source = Pair(tie=False)
+    with torch.no_grad():
+        source.a.weight.mul_(torch.rand(64, 64) > 0.5)
+        source.b.weight.mul_(torch.rand(64, 64) > 0.5)
+    path = tmp_path / "p.safetensors"
+    assert fxprune.save_sparse(source, path) == {"a.weight": "bitmask", "b.weight": "bitmask"}
+    expected = Pair(tie=True)
+    expected.load_state_dict(source.state_dict())
+    loaded = fxprune.load_sparse(path, scrambled(Pair(tie=True)))
+    assert loaded.a.weight is loaded.b.weight
+    assert torch.equal(loaded.a.weight, expected.a.weight) and torch.equal(loaded.a.weight, source.b.weight)
+
+
 def test_computed_state_dict_entries_go_through_load_state_dict(tmp_path):
     """A SparseLinear's state_dict 'weight' is computed from its CSR parts: it must be loaded, not written into."""
     torch.manual_seed(0)

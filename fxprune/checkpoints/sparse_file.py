@@ -308,11 +308,14 @@ def fill_model(path: str | os.PathLike, model: nn.Module, source: str) -> nn.Mod
     rest = {e["name"]: decoded(e["name"]) for e in entries if e["name"] not in direct}
     if rest:
         model.load_state_dict(rest, strict=False)  # the keys were checked above: none is missing or unexpected
+    # Names sharing one tensor in the model (tied there, not in the file): load_state_dict's copies run in the
+    # model's state_dict order and the last one stays; decode only that one (two jobs must not share memory).
+    last_of = {storage_key(t): name for name, t in direct.items()}
     written: dict[str, torch.Tensor] = {}
     jobs = []
     for entry in sorted(entries, key=lambda e: -math.prod(e["shape"])):  # largest first: threads finish together
         name = entry["name"]
-        if name not in direct or entry["layout"] == "tied":
+        if name not in direct or entry["layout"] == "tied" or last_of[storage_key(direct[name])] != name:
             continue
         if name in fresh:  # already decoded for a tied entry on the other path: copy, not decode twice
             jobs.append(partial(direct[name].copy_, fresh[name]))
