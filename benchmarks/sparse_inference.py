@@ -7,7 +7,9 @@ Cases, each measured in one run against its own dense baseline:
   * resnet50 -- torchvision resnet50 (random init), 90% global magnitude, batch 1, 224x224.
 
 Timings interleave dense and sparse round by round (medians, and the spread of the dense samples as the
-noise figure), because the machine may be shared.
+noise figure), because the machine may be shared. On a machine whose cores are busy with other work, run
+with ``OMP_WAIT_POLICY=PASSIVE``: by default OpenMP threads spin while they wait, and a spinning thread
+takes the core the working one needs, which makes 2-thread timings measure the scheduler (README).
 
     nice -n 10 python benchmarks/sparse_inference.py [--cases mlp90,mlp50,resnet50] [--rounds 15]
 """
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 import statistics
 import time
 import warnings
@@ -97,7 +100,9 @@ def main() -> None:
     cases = args.cases.split(",")
     threads = [int(t) for t in args.threads.split(",")]
     torch.manual_seed(0)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads available by default", flush=True)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads available by default, "
+          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')}, "
+          f"load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}", flush=True)
     for sparsity, name in ((0.9, "mlp90"), (0.5, "mlp50")):
         if name not in cases:
             continue
@@ -114,6 +119,7 @@ def main() -> None:
         for t in threads:
             case("resnet50", dense, torch.randn(1, 3, 224, 224), t, max(5, args.rounds // 3),
                  max(3, args.kernel_repeats // 3))
+    print(f"load average at the end {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
 
 
 if __name__ == "__main__":

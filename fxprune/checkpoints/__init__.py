@@ -8,9 +8,10 @@
   any model's whole ``state_dict`` in one file, each tensor dense, bitmask or
   CSR, whichever is smallest.
 
-Layout of this package: ``codec`` (the tensor encodings, pure torch),
-``sparse_file`` (the single-file format), ``huggingface`` (the folder format
-and compressed-tensors' part in it), ``extras`` (lazy imports of the
+Layout of this package: ``codec`` (the tensor encodings, torch and numpy),
+``sparse_file`` (the single-file format), ``in_place`` (which entries a loader
+may decode straight into a model's parameters), ``huggingface`` (the folder
+format and compressed-tensors' part in it), ``extras`` (lazy imports of the
 ``compressed`` extra).
 """
 from fxprune.checkpoints.huggingface import SavedCheckpoint, load_pretrained, save_pretrained

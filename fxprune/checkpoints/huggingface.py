@@ -42,9 +42,8 @@ from fxprune.checkpoints import codec
 from fxprune.checkpoints.extras import require
 from fxprune.checkpoints.sparse_file import (
     storage_key,
-    check_loadable,
     check_not_prepared,
-    load_sparse_state_dict,
+    fill_model,
     write_state_dict,
 )
 from fxprune.errors import PruningError
@@ -253,10 +252,7 @@ def load_pretrained(directory: str | os.PathLike, model: nn.Module | None = None
                 "pass the model to fill, load_pretrained(directory, model)"
             )
         check_not_prepared(model, "load_pretrained")
-        state = load_sparse_state_dict(os.path.join(directory, SINGLE_FILE))
-        check_loadable(state, model, directory)
-        model.load_state_dict(state, strict=True)
-        return model
+        return fill_model(os.path.join(directory, SINGLE_FILE), model, directory)
     if model is not None:
         raise PruningError("load_pretrained: pass model= only for a folder without config.json (not a transformers model)")
     transformers = require("transformers")

@@ -13,15 +13,19 @@ rebuilds the original ``state_dict`` bit for bit (``-0.0`` aside, see the codec)
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections import OrderedDict
-from typing import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
+from typing import Callable, Iterable
 
 import torch
 from torch import nn
 
 from fxprune.checkpoints import codec
 from fxprune.checkpoints.extras import require
+from fxprune.checkpoints.in_place import writable_in_place
 from fxprune.errors import PruningError
 
 __all__ = [
@@ -31,6 +35,7 @@ __all__ = [
     "write_state_dict",
     "check_not_prepared",
     "check_loadable",
+    "fill_model",
     "storage_key",
 ]
 
@@ -173,18 +178,73 @@ def _read_entries(path: str | os.PathLike) -> tuple[list[dict], dict[str, torch.
     return header["entries"], safetensors_torch.load_file(path)
 
 
-def _rebuild(entry: dict, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
-    parts = {part: tensors[key] for part, key in entry["parts"].items()}
-    shape = entry["shape"]
+def _parts(entry: dict, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {part: tensors[key] for part, key in entry["parts"].items()}
+
+
+def _dtype(entry: dict, source: str) -> torch.dtype:
+    dtype = getattr(torch, entry["dtype"], None)
+    if not isinstance(dtype, torch.dtype):
+        raise PruningError(f"{source}: {entry['name']}: unknown dtype {entry['dtype']!r}")
+    return dtype
+
+
+def _check_entries(entries: list[dict], tensors: dict[str, torch.Tensor], source: str) -> None:
+    """Raise PruningError (naming the tensor) unless every entry decodes to its dtype and shape."""
+    names = set()
+    for entry in entries:
+        name, layout, dtype = entry["name"], entry["layout"], _dtype(entry, source)
+        if layout == "tied":
+            if entry.get("tied_to") not in names:
+                raise PruningError(f"{source}: {name} is tied to {entry.get('tied_to')!r}, which no entry before it holds")
+        elif any(key not in tensors for key in entry.get("parts", {}).values()):
+            raise PruningError(f"{source}: {name}: the file lacks its parts {sorted(entry.get('parts', {}).values())}")
+        elif layout == "dense":
+            value = tensors[entry["parts"]["value"]]
+            if value.dtype != dtype or list(value.shape) != list(entry["shape"]):
+                raise PruningError(f"{source}: {name}: stored {value.dtype} {list(value.shape)}, "
+                                   f"metadata says {dtype} {entry['shape']}")
+        else:
+            try:
+                codec.check_parts(layout, _parts(entry, tensors), entry["shape"], dtype)
+            except ValueError as e:
+                raise PruningError(f"{source}: {name}: damaged {layout} tensor: {e}") from None
+        names.add(name)
+
+
+def _copy_in_steps(out: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """``out.copy_(value)`` for contiguous tensors, in steps that each stay on the calling thread (see codec)."""
+    dst, src = out.view(-1), value.reshape(-1)
+    for start in range(0, dst.numel(), codec.DECODE_STEP):
+        dst[start:start + codec.DECODE_STEP].copy_(src[start:start + codec.DECODE_STEP])
+    return out
+
+
+def _run(jobs: list[Callable[[], object]]) -> None:
+    """Run the decode jobs on ``torch.get_num_threads()`` threads (numpy and torch release the GIL)."""
+    workers = min(torch.get_num_threads(), len(jobs))
+    if workers <= 1:
+        for job in jobs:
+            job()
+        return
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fxprune-load") as pool:
+        for future in [pool.submit(job) for job in jobs]:
+            future.result()
+
+
+def _rebuild(entry: dict, tensors: dict[str, torch.Tensor], out: torch.Tensor | None = None) -> torch.Tensor:
+    """The dense tensor of a checked entry; decoded into ``out`` (contiguous, its shape and dtype) if given."""
+    parts = _parts(entry, tensors)
+    keep_strides = out is None  # into new memory: give back the saved tensor's memory order too
+    if out is None and entry["layout"] != "dense":
+        out = torch.empty(entry["shape"], dtype=getattr(torch, entry["dtype"]))
     if entry["layout"] == "dense":
-        t = parts["value"]
+        t = parts["value"] if out is None else _copy_in_steps(out, parts["value"])
     elif entry["layout"] == "bitmask":
-        t = codec.decode_bitmask(parts["compressed"], parts["bitmask"], shape)
-    elif entry["layout"] == "csr":
-        t = codec.decode_csr(parts["values"], parts["crow_indices"], parts["col_indices"], shape)
+        t = codec.decode_bitmask_into(out, parts["compressed"], parts["bitmask"])
     else:
-        raise PruningError(f"{entry['name']}: unknown layout {entry['layout']!r}")
-    if (order := entry.get("memory_order")) is not None:
+        t = codec.decode_csr_into(out, parts["values"], parts["crow_indices"], parts["col_indices"])
+    if (order := entry.get("memory_order")) is not None and keep_strides:
         inverse = sorted(range(len(order)), key=order.__getitem__)
         t = t.permute(order).contiguous().permute(inverse)
     return t
@@ -193,6 +253,7 @@ def _rebuild(entry: dict, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
 def load_sparse_state_dict(path: str | os.PathLike) -> "OrderedDict[str, torch.Tensor]":
     """The ``state_dict`` saved by :func:`save_sparse`, rebuilt on the CPU; tied names share one tensor."""
     entries, tensors = _read_entries(path)
+    _check_entries(entries, tensors, os.fspath(path))
     state: OrderedDict[str, torch.Tensor] = OrderedDict()
     for entry in entries:
         state[entry["name"]] = state[entry["tied_to"]] if entry["layout"] == "tied" else _rebuild(entry, tensors)
@@ -219,14 +280,70 @@ def check_loadable(state: dict[str, torch.Tensor], model: nn.Module, source: str
             )
 
 
+@torch.no_grad()
+def fill_model(path: str | os.PathLike, model: nn.Module, source: str) -> nn.Module:
+    """Load a :func:`save_sparse` file into ``model`` in place; everything is checked before anything is written.
+
+    Entries the model holds in its own plain memory
+    (:func:`~fxprune.checkpoints.in_place.writable_in_place`) are decoded
+    straight into it; the others are decoded into new tensors and go through
+    ``model.load_state_dict`` (first, since their hooks are the part that may raise).
+    """
+    entries, tensors = _read_entries(path)
+    _check_entries(entries, tensors, source)
+    specs = {e["name"]: torch.empty(e["shape"], dtype=_dtype(e, source), device="meta") for e in entries}
+    check_loadable(specs, model, source)
+    direct = writable_in_place(model)
+    by_name = {e["name"]: e for e in entries}
+    fresh: dict[str, torch.Tensor] = {}  # decoded into new memory, by the name of the entry holding the parts
+
+    def decoded(name: str) -> torch.Tensor:
+        entry = by_name[name]
+        if entry["layout"] == "tied":
+            return decoded(entry["tied_to"])
+        if name not in fresh:
+            fresh[name] = _rebuild(entry, tensors)
+        return fresh[name]
+
+    rest = {e["name"]: decoded(e["name"]) for e in entries if e["name"] not in direct}
+    if rest:
+        model.load_state_dict(rest, strict=False)  # the keys were checked above: none is missing or unexpected
+    # Names sharing one tensor in the model (tied there, not in the file): load_state_dict's copies run in the
+    # model's state_dict order and the last one stays; decode only that one (two jobs must not share memory).
+    last_of = {storage_key(t): name for name, t in direct.items()}
+    written: dict[str, torch.Tensor] = {}
+    jobs = []
+    for entry in sorted(entries, key=lambda e: -math.prod(e["shape"])):  # largest first: threads finish together
+        name = entry["name"]
+        if name not in direct or entry["layout"] == "tied" or last_of[storage_key(direct[name])] != name:
+            continue
+        if name in fresh:  # already decoded for a tied entry on the other path: copy, not decode twice
+            jobs.append(partial(direct[name].copy_, fresh[name]))
+        else:
+            jobs.append(partial(_rebuild, entry, tensors, direct[name]))
+        written[name] = direct[name]
+    _run(jobs)
+    for entry in entries:
+        name = entry["name"]
+        if name not in direct or entry["layout"] != "tied":
+            continue
+        root = entry
+        while root["layout"] == "tied":
+            root = by_name[root["tied_to"]]
+        source_tensor = written.get(root["name"]) if root["name"] in written else decoded(root["name"])
+        if storage_key(direct[name]) != storage_key(source_tensor):  # tied in the file, separate in the model
+            direct[name].copy_(source_tensor)
+    return model
+
+
 def load_sparse(path: str | os.PathLike, model: nn.Module) -> nn.Module:
     """Fill ``model`` in place with the weights saved by :func:`save_sparse` and return it.
 
-    Keys, shapes and dtypes are checked before anything is copied, so a
-    mismatch leaves the model untouched and names the first offending key.
+    Keys, shapes and dtypes, and the consistency of every stored tensor, are
+    checked before anything is copied, so a mismatch leaves the model
+    untouched and names the first offending key. Weights are decoded straight
+    into the model's parameters where ``load_state_dict`` would only copy
+    them (see :mod:`fxprune.checkpoints.in_place`).
     """
     check_not_prepared(model, "load_sparse")
-    state = load_sparse_state_dict(path)
-    check_loadable(state, model, os.fspath(path))
-    model.load_state_dict(state, strict=True)
-    return model
+    return fill_model(path, model, os.fspath(path))
