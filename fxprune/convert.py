@@ -22,6 +22,7 @@ from fxprune.masked import MaskedParameter
 from fxprune.pruner import Pruner
 from fxprune.report import PRUNED_RECORD
 from fxprune.rewrite import LeafMasks, remove_leaf_hooks, restore_parameters
+from fxprune.structured.norms import KEEP, remove_masked_norms
 
 __all__ = ["convert", "UnappliedGoalWarning"]
 
@@ -118,6 +119,16 @@ def convert(
 
         removed = removed_channels(model.__dict__["_fxprune_channels"])  # read before the masks are folded
     restore_parameters(model.pruner.targets)
+    narrowed = remove_masked_norms(root)  # fxprune.structured.norms: plain norms again
+    if narrowed and not physical:
+        warnings.warn(
+            f"convert(physical=False): {len(narrowed)} normalization(s) of pruned channel streams "
+            f"({', '.join(narrowed[:3])}{', ...' if len(narrowed) > 3 else ''}) computed their statistics over "
+            "the kept channels in the prepared model; unshrunk, they count the pruned channels again, so the "
+            "result does not give the masked model's outputs. Use convert(physical=True)",
+            UserWarning,
+            stacklevel=2,
+        )
     remove_leaf_hooks(root)
     remove_captured_forwards(root)  # children captured on their own get their class's forward back
     # Root-level tensors may have been replaced on the prepared model (e.g. by .to()).
@@ -183,7 +194,9 @@ def _check_shrunk(prepared, root, plan, removed, example, reference, inplace: bo
     from fxprune.structured.verify import check_shrunk
 
     def shrink_one(gid: int) -> nn.Module:
-        alone = convert(prepared)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            alone = convert(prepared)
         shrink(alone, plan, {gid: removed[gid]})
         return alone
 
@@ -197,5 +210,6 @@ def _check_shrunk(prepared, root, plan, removed, example, reference, inplace: bo
 def _verify_clean(model: nn.Module) -> None:
     for name, m in model.named_modules():
         assert not isinstance(m, (MaskedParameter, Pruner)), f"fxprune module left at {name!r}"
+        assert KEEP not in m._buffers, f"masked norm left at {name!r}"
         for hooks in (m._forward_pre_hooks, m._forward_hooks):
             assert not any(isinstance(getattr(h, "__self__", None), LeafMasks) for h in hooks.values()), name

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from fxprune.structured.dependency import IN, IN_BLOCK, IN_GROUPED, OUT, OUT_BLOCK, ChannelGroup, Slice
+from fxprune.structured.norms import set_kept
 
 if TYPE_CHECKING:
     from fxprune.config import PrunerConfig
@@ -219,4 +220,7 @@ def channel_masks(
         for s in grp.slices:
             if s.tensor in new:
                 _mask_out(new[s.tensor], s, chans)
+        for module, _, norm_chans, gid in plan.norms.values():
+            if gid == grp.index:
+                set_kept(module, ~torch.isin(norm_chans, chans))
     return [new.get(name_of.get(id(m), ""), m.mask.clone()) for m in group]

@@ -29,6 +29,7 @@ from fxprune.errors import PruningError
 from fxprune.structured.analysis import ChannelPlan
 from fxprune.structured.attention import set_head_attributes
 from fxprune.structured.dependency import IN, IN_BLOCK, IN_GROUPED, OUT, OUT_BLOCK, Slice
+from fxprune.structured.norms import resize_norm
 
 __all__ = ["removed_channels", "shrink"]
 
@@ -118,6 +119,8 @@ def shrink(model: nn.Module, plan: ChannelPlan, removed: dict[int, torch.Tensor]
             else:
                 mod._buffers[a] = new
     _update_attributes(model, plan)
+    for name, (_, spec, chans, _) in plan.norms.items():  # norms without affine tensors have only attributes
+        resize_norm(model.get_submodule(name), spec, int((~gone[chans]).sum()))
     return changed
 
 
@@ -161,6 +164,8 @@ def _update_attributes(model: nn.Module, plan: ChannelPlan) -> None:
             m.out_channels, m.in_channels = out_c, per_in * m.groups
         elif kind == "linear" and isinstance(m, nn.Linear):
             m.out_features, m.in_features = m.weight.shape
+        elif kind == "embedding" and isinstance(m, nn.Embedding):
+            m.num_embeddings, m.embedding_dim = m.weight.shape
         elif kind == "bn" and isinstance(m, nn.modules.batchnorm._NormBase):
             ref = m.weight if m.weight is not None else m.running_mean
             m.num_features = ref.shape[0]
