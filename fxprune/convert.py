@@ -149,8 +149,19 @@ def convert(
         from fxprune.structured.shrink import shrink
 
         plan = model.__dict__["_fxprune_channels"]
-        shrink(root, plan, removed)
+        changed = shrink(root, plan, removed)
         _check_shrunk(prepared, root, plan, removed, example, reference, inplace)
+        from fxprune.structured.hf_config import update_hf_config
+
+        mismatches = update_hf_config(root, plan, changed)  # a Hugging Face config states the new sizes
+        if mismatches:
+            warnings.warn(
+                f"convert(physical=True): the shrunk model's config cannot describe its new shapes (e.g. "
+                f"{'; '.join(mismatches[:2])}), so from_pretrained of a save_pretrained copy would not load it; "
+                "layers were cut unevenly. Save it whole (torch.save(model)) instead",
+                UserWarning,
+                stacklevel=2,
+            )
     if kernels == "auto":
         from fxprune.kernels import sparsify_kernels
 
@@ -193,11 +204,15 @@ def _check_shrunk(prepared, root, plan, removed, example, reference, inplace: bo
     from fxprune.structured.shrink import shrink
     from fxprune.structured.verify import check_shrunk
 
+    # Groups whose norms compute over kept channels (fxprune.structured.norms): an unshrunk copy counts the
+    # pruned channels again, so they are cut in every trial and a group is blamed only if adding it breaks.
+    narrowed = {gid for *_, gid in plan.norms.values() if gid in removed}
+
     def shrink_one(gid: int) -> nn.Module:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             alone = convert(prepared)
-        shrink(alone, plan, {gid: removed[gid]})
+        shrink(alone, plan, {g: removed[g] for g in {gid} | narrowed})
         return alone
 
     def describe(gid: int) -> str:

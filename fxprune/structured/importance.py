@@ -154,21 +154,21 @@ def kept_count(per_cell: int, kept: int, cells: int = 1, min_channels: int = 1, 
     """Channels each cell keeps once ``min_channels`` and ``round_to`` apply to the group's total.
 
     The group keeps ``kept * cells`` channels; that total is raised to at
-    least ``min_channels`` and then rounded to the nearest multiple of
-    ``round_to`` (halves up, never below one multiple), per cell in equal
-    steps. A group with fewer channels than it must keep keeps them all, and
+    least ``min_channels`` and then moved to the nearest multiple of
+    ``round_to`` that is still at least ``min_channels`` (halves up), per
+    cell in equal steps. A group with fewer channels than it must keep keeps them all, and
     so does one too small to hold a single multiple of ``round_to``, and one
     whose goal removes nothing yet.
     """
     if kept >= per_cell:
         return per_cell
     step = round_to // math.gcd(round_to, cells)  # kept per cell must be a multiple of this
-    kept = max(kept, -(-min_channels // cells), 1)
-    if step > 1:
-        kept = max(step, (kept + step // 2) // step * step)
-        if kept > per_cell:
-            kept = per_cell // step * step or per_cell
-    return min(kept, per_cell)
+    low = max(-(-min_channels // cells), 1)
+    want = max(kept, low)
+    allowed = range(-(-low // step) * step, per_cell + 1, step)
+    if not allowed:
+        return per_cell
+    return min(allowed, key=lambda c: (abs(c - want), -c))
 
 
 def _select_keeping_layers(orders: list[torch.Tensor], removed: torch.Tensor, k: int, layers: list[torch.Tensor],
