@@ -113,9 +113,11 @@ def shrink(model: nn.Module, plan: ChannelPlan, removed: dict[int, torch.Tensor]
             new = new.clone()
         new = new.contiguous()
         changed[name] = (tuple(t.shape), tuple(new.shape))
+        if isinstance(t, nn.Parameter):  # one new Parameter for every holder: tied weights stay one object
+            new = nn.Parameter(new, requires_grad=t.requires_grad)
         for mod, a in holders.get(id(t), [(owner, attr)]):
             if isinstance(t, nn.Parameter):
-                mod._parameters[a] = nn.Parameter(new, requires_grad=t.requires_grad)
+                mod._parameters[a] = new
             else:
                 mod._buffers[a] = new
     _update_attributes(model, plan)
