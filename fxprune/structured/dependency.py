@@ -25,7 +25,9 @@ Then no consumer reads the channel, the masked model's output does not depend
 on it, and physical removal is exact. The price is that every consumer must
 be visible: a channel read by anything the analysis cannot follow (an op it
 does not know, a leaf module, the model output, a reshape, a statistic over
-channels such as LayerNorm) is not pruned, and the reason is reported.
+channels that is not a proven norm) is not pruned, and the reason is reported.
+Proven normalizations (:mod:`fxprune.structured.norms`) are the exception:
+the prepared model computes them over the kept channels only.
 
 Assumption stated once: convolution activations are batched, ``(N, C, ...)``.
 """
@@ -515,6 +517,8 @@ class _Analysis:
                                    _name(b, where) if b is not None else None, where)
         if fn in self.elementwise_funcs:
             return self.unary(args, where)
+        if fn in (torch.pow, operator.pow) and isinstance(_arg(args, kwargs, 1, "exponent", None), (int, float)):
+            return self.unary(args[:1], where)  # x ** 3 of gelu_new: elementwise
         if fn in _BINARY:
             return self.binary(args[0], args[1] if len(args) > 1 else kwargs.get("other"), where)
         if fn in (torch.flatten,):
@@ -557,6 +561,8 @@ class _Analysis:
             return x if isinstance(x, (_Chan, _Opaque)) else None
         if name in _BINARY_METHODS:
             return self.binary(x, args[1] if len(args) > 1 else kwargs.get("other"), where)
+        if name == "pow" and isinstance(_arg(args, kwargs, 1, "exponent", None), (int, float)):
+            return self.unary(args[:1], where)
         if name == "permute":
             dims = args[1:] if len(args) > 2 or not isinstance(args[1], (list, tuple)) else args[1]
             return self.permute(x, list(dims), where)
