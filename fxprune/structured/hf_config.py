@@ -36,8 +36,9 @@ def update_hf_config(model: nn.Module, plan, changed: dict[str, tuple[tuple[int,
     Hugging Face config).
     """
     config = getattr(model, "config", None)
-    if config is None or not hasattr(config, "to_dict") or not changed:
-        return []
+    if (config is None or not hasattr(config, "to_dict") or not changed
+            or not (hasattr(type(model), "config_class") and hasattr(model, "save_pretrained"))):
+        return []  # not a Hugging Face model: its constructor is not known to take its config
     hidden = getattr(config, "hidden_size", None)
     if isinstance(hidden, int):
         widths: set[int] = set()
