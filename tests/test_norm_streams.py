@@ -137,7 +137,7 @@ def _assert_fxprune_free(model: nn.Module) -> None:
     assert not any("fxprune" in k for k in model.state_dict())
 
 
-@settings(max_examples=12, deadline=None)
+@settings(max_examples=8, deadline=None)
 @given(kind=st.sampled_from(sorted(TOKEN_NORMS) + sorted(MAP_NORMS)), d=st.integers(4, 20),
        blocks=st.integers(1, 3), goal=st.floats(0.1, 0.9), round_to=st.sampled_from([1, 2, 4]),
        min_channels=st.integers(1, 12), seed=st.integers(0, 100))
