@@ -75,6 +75,9 @@ SETTING_DEFAULTS: dict[str, Any] = {
     "pattern": "unstructured",  # 'unstructured', 'channel' (whole output channels) or 'N:M' such as '2:4'
     "min_sparsity": None,  # scope global: no tensor pruned less than this (or the goal, if lower)
     "max_sparsity": None,  # scope global: no tensor pruned more than this (unset: default_max_sparsity; 1.0: no cap)
+    # Channel groups (pattern: channel, fxprune.structured.importance): how many channels each group keeps.
+    "min_channels": 1,  # every group keeps at least this many channels (all of them if it has fewer)
+    "round_to": 1,  # kept channels per group a multiple of this (e.g. 8 for tensor cores)
     # SparseGPT solver (fxprune.oneshot.sparsegpt); only sparsegpt pruners may set them.
     "dampening_frac": 0.01,  # added to the Hessian's diagonal, as a fraction of its mean
     "block_size": 128,  # input columns per lazy batched update
@@ -142,6 +145,8 @@ class PrunerConfig:
     pattern: str = SETTING_DEFAULTS["pattern"]
     min_sparsity: float | None = None
     max_sparsity: float | None = None
+    min_channels: int = SETTING_DEFAULTS["min_channels"]
+    round_to: int = SETTING_DEFAULTS["round_to"]
     dampening_frac: float = SETTING_DEFAULTS["dampening_frac"]
     block_size: int = SETTING_DEFAULTS["block_size"]
 
@@ -325,6 +330,8 @@ def _parse_section(section: Any, source: str | None) -> PruningConfig:
                     pattern=settings["pattern"],
                     min_sparsity=settings["min_sparsity"],
                     max_sparsity=settings["max_sparsity"],
+                    min_channels=settings["min_channels"],
+                    round_to=settings["round_to"],
                     dampening_frac=float(settings["dampening_frac"]),
                     block_size=settings["block_size"],
                 )
@@ -430,6 +437,9 @@ def _check_setting(key: str, value: Any, path: str, source: str | None) -> None:
     elif key == "dampening_frac":
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value):
             raise ConfigError(f"must be a number >= 0, got {value!r}", path, source)
+    elif key in ("min_channels", "round_to"):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"must be an integer >= 1 (channels), got {value!r}", path, source)
     elif key == "block_size":
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ConfigError(f"must be an integer >= 1, got {value!r}", path, source)
@@ -571,6 +581,14 @@ def _validate_shape_keys(p: PrunerConfig, source: str | None) -> None:
                 f"pattern {p.pattern!r} chooses weights within each group of {nm[1]}, so scope "
                 f"{p.scope!r} does not apply; use scope: local (the default)",
                 f"{p.key_path}.scope",
+                source,
+            )
+    for key in ("min_channels", "round_to"):
+        if getattr(p, key) != SETTING_DEFAULTS[key] and p.pattern != "channel":
+            raise ConfigError(
+                f"counts the channels each group of a channel pruner keeps; pattern {p.pattern!r} removes single "
+                "weights. Set pattern: channel or remove it",
+                f"{p.key_path}.{key}",
                 source,
             )
     for key in ("min_sparsity", "max_sparsity"):

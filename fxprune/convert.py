@@ -22,6 +22,7 @@ from fxprune.masked import MaskedParameter
 from fxprune.pruner import Pruner
 from fxprune.report import PRUNED_RECORD
 from fxprune.rewrite import LeafMasks, remove_leaf_hooks, restore_parameters
+from fxprune.structured.norms import KEEP, remove_masked_norms
 
 __all__ = ["convert", "UnappliedGoalWarning"]
 
@@ -118,6 +119,16 @@ def convert(
 
         removed = removed_channels(model.__dict__["_fxprune_channels"])  # read before the masks are folded
     restore_parameters(model.pruner.targets)
+    narrowed = remove_masked_norms(root)  # fxprune.structured.norms: plain norms again
+    if narrowed and not physical:
+        warnings.warn(
+            f"convert(physical=False): {len(narrowed)} normalization(s) of pruned channel streams "
+            f"({', '.join(narrowed[:3])}{', ...' if len(narrowed) > 3 else ''}) computed their statistics over "
+            "the kept channels in the prepared model; unshrunk, they count the pruned channels again, so the "
+            "result does not give the masked model's outputs. Use convert(physical=True)",
+            UserWarning,
+            stacklevel=2,
+        )
     remove_leaf_hooks(root)
     remove_captured_forwards(root)  # children captured on their own get their class's forward back
     # Root-level tensors may have been replaced on the prepared model (e.g. by .to()).
@@ -138,8 +149,19 @@ def convert(
         from fxprune.structured.shrink import shrink
 
         plan = model.__dict__["_fxprune_channels"]
-        shrink(root, plan, removed)
+        changed = shrink(root, plan, removed)
         _check_shrunk(prepared, root, plan, removed, example, reference, inplace)
+        from fxprune.structured.hf_config import update_hf_config
+
+        mismatches = update_hf_config(root, plan, changed)  # a Hugging Face config states the new sizes
+        if mismatches:
+            warnings.warn(
+                f"convert(physical=True): the shrunk model's config cannot describe its new shapes (e.g. "
+                f"{'; '.join(mismatches[:2])}), so from_pretrained of a save_pretrained copy would not load it; "
+                "layers were cut unevenly. Save it whole (torch.save(model)) instead",
+                UserWarning,
+                stacklevel=2,
+            )
     if kernels == "auto":
         from fxprune.kernels import sparsify_kernels
 
@@ -182,9 +204,15 @@ def _check_shrunk(prepared, root, plan, removed, example, reference, inplace: bo
     from fxprune.structured.shrink import shrink
     from fxprune.structured.verify import check_shrunk
 
+    # Groups whose norms compute over kept channels (fxprune.structured.norms): an unshrunk copy counts the
+    # pruned channels again, so they are cut in every trial and a group is blamed only if adding it breaks.
+    narrowed = {gid for *_, gid in plan.norms.values() if gid in removed}
+
     def shrink_one(gid: int) -> nn.Module:
-        alone = convert(prepared)
-        shrink(alone, plan, {gid: removed[gid]})
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            alone = convert(prepared)
+        shrink(alone, plan, {g: removed[g] for g in {gid} | narrowed})
         return alone
 
     def describe(gid: int) -> str:
@@ -197,5 +225,6 @@ def _check_shrunk(prepared, root, plan, removed, example, reference, inplace: bo
 def _verify_clean(model: nn.Module) -> None:
     for name, m in model.named_modules():
         assert not isinstance(m, (MaskedParameter, Pruner)), f"fxprune module left at {name!r}"
+        assert KEEP not in m._buffers, f"masked norm left at {name!r}"
         for hooks in (m._forward_pre_hooks, m._forward_hooks):
             assert not any(isinstance(getattr(h, "__self__", None), LeafMasks) for h in hooks.values()), name

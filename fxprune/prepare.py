@@ -109,6 +109,8 @@ def prepare(
             raise TraceError(f"the model already has an attribute {name!r}, which fxprune needs on the prepared model")
 
     owners = {alias.rpartition(".")[0] for t in plan.targets for alias in t.aliases}
+    if any(getattr(p, "pattern", "unstructured") == "channel" for p in cfg.pruners):
+        leaf_modules = _with_norm_leaves(model, leaf_modules, owners)
     example = None if example_inputs is None else split_example(example_inputs)
     reference = _reference_outputs(model, example) if inplace and example is not None else None
     built: list[tuple[nn.Module, list]] = []  # (root, targets) of the rewrite in force, for _undo
@@ -171,6 +173,20 @@ def _rewrite(
 
         attach_channel_plan(gm, channel_pruners, example)
     return gm, report
+
+
+def _with_norm_leaves(model: nn.Module, leaf_modules: Iterable[str | type] | None,
+                      owners: set[str]) -> list[str | type]:
+    """Channel pruning keeps normalization modules whole in the graph (fx leaves), so that the channel plan can
+    make them compute over the kept channels (:mod:`fxprune.structured.norms`); one that owns a pruned weight
+    stays as it was."""
+    from fxprune.structured.norms import norm_spec
+
+    out = list(leaf_modules or ())
+    for name, m in model.named_modules():
+        if name and name not in owners and norm_spec(m) is not None:
+            out.append(name)
+    return out
 
 
 def _undo(root: nn.Module, targets: list) -> None:

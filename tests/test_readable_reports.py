@@ -40,16 +40,16 @@ def test_channel_report_is_a_table_in_plain_words():
     assert "ChannelReport(" not in text and "{" not in text
     header = next(line for line in text.splitlines() if line.startswith("group"))
     assert header.split() == ["group", "kept/total", "layers", "why", "not", "pruned"]
-    assert "model input" in text and "model output" in text and "LayerNorm over channels (norm)" in text
+    assert "model input" in text and "model output" in text
     assert "come from outside the analysed graph" not in text
-    row = next(line for line in text.splitlines() if line.split()[-1] == "-")  # the prunable group: conv1 + bn1
-    assert "4/8 channels" in row and "conv1" in row
+    rows = [line for line in text.splitlines() if line.split()[-1] == "-"]  # conv1 + bn1; conv2 + norm + fc
+    assert len(rows) == 2 and all("4/8 channels" in row for row in rows)
+    assert "conv1" in rows[0] and "conv2, fc" in rows[1]  # the LayerNorm's stream is pruned (issue 11)
     # still a dict of ChannelReport for programs, and plain data with the full reasons
     assert isinstance(reports, dict) and isinstance(reports["p"], fxprune.structured.ChannelReport)
     data = reports.to_dict()
     json.dumps(data)
-    (prunable,) = data["p"]["prunable"]
-    assert (prunable["kept"], prunable["total"], prunable["unit"]) == (4, 8, "channels")
+    assert [(g["kept"], g["total"], g["unit"]) for g in data["p"]["prunable"]] == [(4, 8, "channels")] * 2
     plain = [p for e in data["p"]["excluded"] for p in e["plain"]]
     assert "model input" in plain
     raw = [r for e in data["p"]["excluded"] for r in e["reasons"]]

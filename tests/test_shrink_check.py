@@ -23,15 +23,17 @@ CONFIG = {"magnitude": {"p": {"pattern": "channel", "target_sparsity": 0.5, "sch
           "start_epoch": 0, "end_epoch": 0}
 
 
-def _albert():
+def _albert(classifier: bool = False):
     cfg = transformers.AlbertConfig(vocab_size=100, embedding_size=16, hidden_size=64, num_hidden_layers=2,
-                                    num_attention_heads=4, intermediate_size=128, max_position_embeddings=32)
+                                    num_attention_heads=4, intermediate_size=128, max_position_embeddings=32,
+                                    num_labels=3)
     torch.manual_seed(0)
-    return transformers.AlbertModel(cfg).eval(), {"input_ids": torch.randint(0, 100, (2, 7))}
+    cls = transformers.AlbertForSequenceClassification if classifier else transformers.AlbertModel
+    return cls(cfg).eval(), {"input_ids": torch.randint(0, 100, (2, 7))}
 
 
-def _prepared():
-    model, example = _albert()
+def _prepared(classifier: bool = False):
+    model, example = _albert(classifier)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         prepared = fxprune.prepare(model, CONFIG, example_inputs=example)
@@ -58,18 +60,19 @@ def test_albert_shrinks_its_heads_and_runs():
 
 def test_convert_fails_loudly_when_the_analysis_is_wrong(monkeypatch):
     # Pretend the analysis misses ALBERT's residual (what it did before): the cut hidden channels break the model.
+    # A classifier, so that the hidden stream is not the model's output (which would keep it whole anyway).
     monkeypatch.setattr(attention_module, "_reads_and_returns", lambda *a, **k: (True, True))
-    prepared, example = _prepared()
+    prepared, example = _prepared(classifier=True)
     state = {k: v.clone() for k, v in prepared.state_dict().items()}
     with torch.no_grad():
-        before = prepared(**example).last_hidden_state
+        before = prepared(**example).logits
     with pytest.raises(fxprune.PruningError, match=r"does not give the masked model's outputs.*group \d+ \(.*"
                                                    r"embedding_hidden_mapping_in"):
         fxprune.convert(prepared, physical=True)
     after = prepared.state_dict()
     assert state.keys() == after.keys() and all(torch.equal(state[k], after[k]) for k in state)
     with torch.no_grad():
-        torch.testing.assert_close(prepared(**example).last_hidden_state, before, rtol=0, atol=0)
+        torch.testing.assert_close(prepared(**example).logits, before, rtol=0, atol=0)
     # an explicit example input is used the same way
     with pytest.raises(fxprune.PruningError, match="does not give the masked model's outputs"):
         fxprune.convert(prepared, physical=True, example_inputs={"input_ids": torch.randint(0, 100, (1, 5))})

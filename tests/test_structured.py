@@ -185,12 +185,19 @@ def test_unshrinkable_layers_are_reported_not_pruned():
         torch.testing.assert_close(shrunk(x), prepared(x), atol=1e-5, rtol=1e-5)
 
 
-def test_layer_norm_over_channels_is_excluded_with_reason():
+def test_layer_norm_stream_is_pruned_and_a_norm_over_more_dims_is_excluded_with_reason():
     model = nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8), nn.Linear(8, 6), nn.GELU(), nn.Linear(6, 2))
+    prepared, shrunk = prune_and_shrink(model)
+    assert shrunk[0].out_features == 4 and shrunk[1].normalized_shape == (4,) and shrunk[2].out_features == 3
+    x = torch.randn(3, 4)
+    with torch.no_grad():
+        torch.testing.assert_close(shrunk(x), prepared(x), atol=1e-5, rtol=1e-5)
+    # a LayerNorm over the channels and another dim at once is still a statistic the analysis cannot split
+    model = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm((2, 4)), nn.Flatten(), nn.Linear(8, 2))
     prepared, shrunk = prune_and_shrink(model)
     report = channel_report(prepared)["p"]
     assert any("LayerNorm" in r for *_, reasons in report.excluded for r in reasons)
-    assert shrunk[0].out_features == 8 and shrunk[2].out_features == 3  # only the GELU hidden units go
+    assert shrunk[0].out_features == 4
 
 
 def test_physical_needs_a_channel_pruner():

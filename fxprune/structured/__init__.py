@@ -4,12 +4,16 @@
 
 * :mod:`~fxprune.structured.dependency` -- channel atoms, dependencies and groups over the fx graph
   (connected components by a vectorized union-find);
+* :mod:`~fxprune.structured.record` -- a graph of the example run, for roots fx cannot trace whole;
 * :mod:`~fxprune.structured.attention` -- multi-head attention modules recognised and proven, so that
   whole heads are channels;
+* :mod:`~fxprune.structured.norms` -- LayerNorm/RMSNorm/GroupNorm recognised by behaviour, computed over
+  the kept channels in the prepared model so that normalized residual streams are prunable;
 * :mod:`~fxprune.structured.analysis` -- the plan of a prepared model: which pruner prunes which group,
   and a report of what cannot be pruned and why;
 * :mod:`~fxprune.structured.importance` -- group importance (L1/L2 over coupled slices) and channel masks;
-* :mod:`~fxprune.structured.shrink` -- ``convert(physical=True)``: cut the removed channels out.
+* :mod:`~fxprune.structured.shrink` -- ``convert(physical=True)``: cut the removed channels out;
+* :mod:`~fxprune.structured.hf_config` -- a shrunk Hugging Face model's config states its new sizes.
 """
 from __future__ import annotations
 

@@ -17,6 +17,8 @@ from torch import nn
 
 from fxprune.masked import MaskedParameter
 from fxprune.structured.attention import record_attention_calls, refusal
+from fxprune.structured.norms import NormSpec, install_masked_norm
+from fxprune.structured.record import record_graph
 from fxprune.structured.reasons import plain_reason
 from fxprune.structured.dependency import (
     OUT_BLOCK,
@@ -138,6 +140,9 @@ class ChannelPlan:
     channel_pruners: tuple[str, ...]
     # prepare's example_inputs as (args, kwargs): convert(physical=True) checks the shrunk model on them
     example: tuple[tuple, dict] | None = None
+    # norms of prunable groups, computed over their kept channels (fxprune.structured.norms):
+    # name -> (module, its layout, the channel id at each of its positions, its group)
+    norms: dict[str, tuple[nn.Module, NormSpec, torch.Tensor, int]] = field(default_factory=dict)
 
     def groups_of(self, pruner: str) -> list[ChannelGroup]:
         return [g for g in self.channels.groups if self.eligible.get(g.index) == pruner]
@@ -214,7 +219,7 @@ def attach_channel_plan(
     calls = record_attention_calls(prepared, *example) if example is not None else None
     attention = AttentionMemo(calls)  # proven once, used by the tracer (as leaves) and by the analysis
     untraced: dict[str, str] = {}  # module -> why it could not be traced (the analysis looked inside)
-    graphs = list(_graphs(prepared, attention, untraced))
+    graphs = list(_graphs(prepared, attention, untraced, example))
     cg = build_channel_graph(prepared, graphs, tensor_of, attention)
 
     # Canonical names for masked tensors reached under an alias (tied weights).
@@ -259,11 +264,29 @@ def attach_channel_plan(
                 reports[p].dense_reasons[name] = _why_not_reached(prepared, name, cg.weight_notes, untraced, attention)
 
     plan = ChannelPlan(cg, masked_by_name, owner, eligible, reports, tuple(channel_pruners), example)
+    _install_norms(prepared, plan)
     prepared.__dict__[_ATTR] = plan
     for name, p in owner.items():
         if p in channel_pruners:
             masked_by_name[name].__dict__[_ATTR] = plan
     return plan
+
+
+def _install_norms(prepared: nn.Module, plan: ChannelPlan) -> None:
+    """Norms of prunable groups get the masked forward (all channels kept until the first mask update)."""
+    if not plan.channels.norms:
+        return
+    n = 1 + max(int(g.id_tensor()[-1]) for g in plan.channels.groups if g.size)
+    group_of = torch.full((n,), -1, dtype=torch.long)
+    for g in plan.channels.groups:
+        group_of[g.id_tensor()] = g.index
+    for name, (spec, chans) in plan.channels.norms.items():
+        gid = int(group_of[chans[0]])
+        if gid not in plan.eligible:
+            continue
+        module = prepared.get_submodule(name)
+        install_masked_norm(module, spec)
+        plan.norms[name] = (module, spec, chans, gid)
 
 
 def _why_not_reached(prepared: nn.Module, name: str, notes: dict[str, str], untraced: dict[str, str],
@@ -290,9 +313,24 @@ def _why_not_reached(prepared: nn.Module, name: str, notes: dict[str, str], untr
     return "no traced graph reads it (a fallback leaf, or code the analysis cannot see)"
 
 
-def _graphs(prepared: fx.GraphModule, attention: AttentionMemo, untraced: dict[str, str]):
-    """The prepared graph, plus fx traces of the leaves (or the root) that hide pruned weights."""
+def _graphs(prepared: fx.GraphModule, attention: AttentionMemo, untraced: dict[str, str],
+            example: tuple[tuple, dict] | None):
+    """The prepared graph, plus fx traces of the leaves (or the root) that hide pruned weights.
+
+    A root that fx could not trace is recorded on the example instead, whole
+    (:mod:`fxprune.structured.record`), so that streams crossing its Python
+    code are seen; without an example, or if that run fails, its parts are
+    traced one by one.
+    """
     report = prepared.pruner.prepare_report
+    if not report.traced and example is not None:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                yield record_graph(prepared._fxprune_original.module, example, _leaf_rule(attention)), ""
+            return
+        except Exception:  # noqa: BLE001 - fall back to tracing the parts
+            pass
     if report.traced:
         hidden = list(report.fallback_leaves)
         yield _root_graph(prepared, attention, hidden), ""
@@ -300,6 +338,16 @@ def _graphs(prepared: fx.GraphModule, attention: AttentionMemo, untraced: dict[s
         hidden = [""]
     for name in hidden:
         yield from _trace_down(prepared, name, attention, untraced)
+
+
+def _leaf_rule(attention: AttentionMemo):
+    """The modules a recorded run keeps whole: what fx keeps as leaves, masked weights, proven attention and norms."""
+    tracer = fx.Tracer()
+
+    def is_leaf(m: nn.Module, name: str) -> bool:
+        return (isinstance(m, MaskedParameter) or attention(m) is not None or attention.norms(m) is not None
+                or tracer.is_leaf_module(m, name))
+    return is_leaf
 
 
 def _root_graph(prepared: fx.GraphModule, attention: AttentionMemo, leaves: list[str]) -> fx.Graph:

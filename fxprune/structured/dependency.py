@@ -25,7 +25,9 @@ Then no consumer reads the channel, the masked model's output does not depend
 on it, and physical removal is exact. The price is that every consumer must
 be visible: a channel read by anything the analysis cannot follow (an op it
 does not know, a leaf module, the model output, a reshape, a statistic over
-channels such as LayerNorm) is not pruned, and the reason is reported.
+channels that is not a proven norm) is not pruned, and the reason is reported.
+Proven normalizations (:mod:`fxprune.structured.norms`) are the exception:
+the prepared model computes them over the kept channels only.
 
 Assumption stated once: convolution activations are batched, ``(N, C, ...)``.
 """
@@ -42,6 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fxprune.structured.attention import AttentionSpec, attention_spec
+from fxprune.structured.norms import NormMemo, NormSpec
 
 __all__ = ["Slice", "ChannelGroup", "ChannelGraph", "build_channel_graph", "trace_for_channels"]
 
@@ -118,6 +121,8 @@ class ChannelGraph:
     layer_attrs: dict[str, str]  # module name -> 'conv' | 'linear' | 'bn'
     attention: dict[str, AttentionSpec] = field(default_factory=dict)  # module name -> its heads' layout
     weight_notes: dict[str, str] = field(default_factory=dict)  # weight -> the op that read it and was not followed
+    # normalization module -> its layout and the channel id at each of its positions (fxprune.structured.norms)
+    norms: dict[str, tuple[NormSpec, torch.Tensor]] = field(default_factory=dict)
 
     def to_networkx(self) -> "networkx.Graph":  # noqa: F821 - imported lazily
         """The dependency graph between groups and the tensors they cut, as a ``networkx.Graph``.
@@ -162,7 +167,7 @@ class _ChannelTracer(fx.Tracer):
         from fxprune.masked import MaskedParameter  # noqa: PLC0415 - avoid an import cycle
 
         return (qualname in self.leaves or isinstance(m, MaskedParameter) or super().is_leaf_module(m, qualname)
-                or self.attention(m) is not None)
+                or self.attention(m) is not None or self.attention.norms(m) is not None)
 
     def call_module(self, m: nn.Module, forward: Any, args: tuple, kwargs: dict) -> Any:
         try:
@@ -180,6 +185,7 @@ class AttentionMemo:
         self._specs: dict[int, AttentionSpec | None] = {}
         self._alive: list[nn.Module] = []  # ids stay valid while the analysis runs
         self._calls = calls or {}  # id(module) -> how the example run called it
+        self.norms = NormMemo()  # normalization modules, proven alike (leaves of the analysis too)
 
     def __call__(self, m: nn.Module) -> AttentionSpec | None:
         key = id(m)
@@ -361,6 +367,8 @@ class _Analysis:
         self.blocked: list[tuple[torch.Tensor, str]] = []
         self.partitions: list[tuple[torch.Tensor, int]] = []  # (atoms, g): equal removal per block
         self.layer_attrs: dict[str, str] = {}
+        self.norm_atoms: dict[str, torch.Tensor] = {}  # norm module -> the atoms of its first call
+        self.norm_specs: dict[str, NormSpec] = {}
         self.elementwise_funcs = _UNARY_FUNCS | _elementwise_extra()
         self.elementwise_modules = _elementwise_module_types()
 
@@ -388,7 +396,9 @@ class _Analysis:
         env: dict[fx.Node, Any] = {}
         for node in graph.nodes:
             try:
-                env[node] = self.visit(node, env, prefix)
+                env[node] = value = self.visit(node, env, prefix)
+                if isinstance(value, _Chan) and value.ndim is None and "ndim" in node.meta:  # a recorded run's
+                    env[node] = _Chan(value.dim, value.atoms, node.meta["ndim"], value.flat)
             except _Unsupported as e:
                 tracked = any(_chans(env.get(inp)) for inp in node.all_input_nodes)
                 self.block_inputs(node, env, e.reason)
@@ -472,6 +482,11 @@ class _Analysis:
                     self.add_slice(f"{name}.{attr}", 0, OUT, x.atoms)
             self.layer_attrs[name] = "bn"
             return x
+        norm = self.attention_memo.norms(m)
+        if norm is not None:
+            return self.norm_module(x, norm, name)
+        if isinstance(m, nn.Embedding) and type(m).forward is nn.Embedding.forward:
+            return self.embedding(name + ".weight", m.max_norm, f"module {name}")
         if isinstance(m, nn.LayerNorm):
             return self.layer_norm(x, tuple(m.normalized_shape), name + ".weight" if m.weight is not None else None,
                                    name + ".bias" if m.bias is not None else None, f"LayerNorm {name}")
@@ -502,6 +517,8 @@ class _Analysis:
                                    _name(b, where) if b is not None else None, where)
         if fn in self.elementwise_funcs:
             return self.unary(args, where)
+        if fn in (torch.pow, operator.pow) and isinstance(_arg(args, kwargs, 1, "exponent", None), (int, float)):
+            return self.unary(args[:1], where)  # x ** 3 of gelu_new: elementwise
         if fn in _BINARY:
             return self.binary(args[0], args[1] if len(args) > 1 else kwargs.get("other"), where)
         if fn in (torch.flatten,):
@@ -512,6 +529,11 @@ class _Analysis:
             return self.permute(args[0], _arg(args, kwargs, 1, "dims", None), where)
         if fn in (torch.mean, torch.sum, torch.amax):
             return self.reduce(args[0], _arg(args, kwargs, 1, "dim", None), _arg(args, kwargs, 2, "keepdim", False), where)
+        if fn is F.embedding:
+            return self.embedding(_name(_arg(args, kwargs, 1, "weight", None), where),
+                                  _arg(args, kwargs, 3, "max_norm", None), where)
+        if fn is operator.getitem and isinstance(args[0], _Chan):
+            return self.index(args[0], args[1], where)
         if fn is getattr:
             return self.getattr_(args[0], args[1], where)
         if fn is operator.getitem and isinstance(args[0], _ShapeOf):
@@ -539,6 +561,8 @@ class _Analysis:
             return x if isinstance(x, (_Chan, _Opaque)) else None
         if name in _BINARY_METHODS:
             return self.binary(x, args[1] if len(args) > 1 else kwargs.get("other"), where)
+        if name == "pow" and isinstance(_arg(args, kwargs, 1, "exponent", None), (int, float)):
+            return self.unary(args[:1], where)
         if name == "permute":
             dims = args[1:] if len(args) > 2 or not isinstance(args[1], (list, tuple)) else args[1]
             return self.permute(x, list(dims), where)
@@ -686,6 +710,73 @@ class _Analysis:
             return x
         raise _Unsupported(f"{where} normalizes over the channel dim together with other dims")
 
+    def norm_module(self, x: Any, spec: NormSpec, name: str) -> Any:
+        """A proven normalization (see :mod:`fxprune.structured.norms`): same channels in and out.
+
+        Its per-channel tensors are slices of the stream; the prepared model
+        computes it over the kept channels only, so it does not block them.
+        A norm called twice couples its two inputs (they share its weights).
+        """
+        if not isinstance(x, _Chan):
+            return None
+        want = spec.dim if spec.dim < 0 else (spec.dim - x.ndim if x.ndim is not None else None)
+        if x.flat or want != x.dim or len(x.atoms) != spec.size:
+            raise _Unsupported(f"{type(self.root.get_submodule(name)).__name__} {name}: cannot tell that it "
+                               "normalizes the tracked channel dim")
+        first = self.norm_atoms.setdefault(name, x.atoms)
+        if first is not x.atoms:
+            self.couple(first, x.atoms)
+        for t in spec.tensors:
+            self.add_slice(f"{name}.{t}", 0, OUT, x.atoms)
+        if spec.groups > 1:
+            self.partitions.append((x.atoms, spec.groups))
+        self.norm_specs[name] = spec
+        self.layer_attrs[name] = "norm"
+        return x
+
+    def embedding(self, wname: str, max_norm: Any, where: str) -> _Chan:
+        """An embedding lookup: its output channels are the columns of the table."""
+        w = self.weight(wname, where)
+        if w.dim() != 2:
+            raise _Unsupported(f"{where}: embedding table {wname!r} is not a matrix")
+        out = self.new_atoms(w.shape[1])
+        if max_norm is not None:  # renormalizes each row over all its columns
+            self.block(out, f"{where}: max_norm renormalizes each embedding over all its channels")
+        self.add_slice(wname, 1, IN, out, is_weight=True)
+        self.layer_attrs[wname.rpartition(".")[0]] = "embedding"
+        return _Chan(-1, out, None)
+
+    def index(self, x: _Chan, idx: Any, where: str) -> _Chan:
+        """``x[...]`` that leaves the channel dim whole (``h[:, -1]``, ``h[:, 0, :]``) keeps the channels."""
+        items = list(idx) if isinstance(idx, tuple) else [idx]
+        if x.flat or any(not (isinstance(i, (int, slice)) or i is None or i is Ellipsis) for i in items):
+            raise _Unsupported(f"{where}: indexes a tracked activation with a tensor or a computed index")
+        n_real = sum(1 for i in items if i is not None and i is not Ellipsis)
+        if Ellipsis in items:
+            k = items.index(Ellipsis)
+            head, tail = items[:k], items[k + 1:]
+            if Ellipsis in tail:
+                raise _Unsupported(f"{where}: indexes with more than one Ellipsis")
+        elif x.ndim is not None and n_real <= x.ndim:
+            head, tail = [], items + [slice(None)] * (x.ndim - n_real)
+        else:
+            raise _Unsupported(f"{where}: indexing of an activation whose rank is unknown")
+        after = -x.dim - 1  # dims after the channel dim
+        real = [j for j, i in enumerate(tail) if i is not None]
+        if len(real) > after:  # the channel dim is indexed by an entry of the tail
+            j = real[len(real) - after - 1]
+            if not _whole(tail[j]):
+                raise _Unsupported(f"{where}: indexes the channel dim")
+            rest = tail[j + 1:]
+        else:  # covered by the Ellipsis, unless the head reaches it
+            head_real = sum(1 for i in head if i is not None)
+            if head_real and (x.ndim is None or head_real > x.ndim - after - 1):
+                raise _Unsupported(f"{where}: indexing not related to the channel dim")
+            rest = tail
+        new_after = sum(1 for i in rest if i is None or isinstance(i, slice))
+        dropped = sum(1 for i in items if isinstance(i, int)) - sum(1 for i in items if i is None)
+        return _Chan(-new_after - 1, x.atoms, None if x.ndim is None else x.ndim - dropped)
+
     def unary(self, args: list, where: str) -> Any:
         x = args[0] if args else None
         for a in args[1:]:
@@ -831,6 +922,11 @@ def _first_parameter(m: nn.Module) -> str | None:
                                                            params[0].POSITIONAL_ONLY) else None
 
 
+def _whole(i: Any) -> bool:
+    """A slice that keeps every position (``:``, ``0:``)."""
+    return isinstance(i, slice) and i.start in (None, 0) and i.stop is None and i.step in (None, 1)
+
+
 def _arg(args: list, kwargs: dict, i: int, key: str, default: Any) -> Any:
     if len(args) > i:
         return args[i]
@@ -860,6 +956,7 @@ def build_channel_graph(
     for graph, prefix in graphs:
         an.run(graph, prefix)
 
+    _couple_shared_slices(an)
     # Channels: atoms joined by dependencies.
     pairs = torch.cat(an.edges, 1) if an.edges else torch.empty(2, 0, dtype=torch.long)
     channel_of, n_channels = connected_components(an.n_atoms, pairs)
@@ -881,8 +978,23 @@ def build_channel_graph(
             if reason not in grp.blockers:
                 grp.blockers.append(reason)
     _add_cells(groups, an.partitions, channel_of, group_of)
+    norms = {name: (spec, channel_of[an.norm_atoms[name]]) for name, spec in an.norm_specs.items()}
     return ChannelGraph(groups=groups, layer_attrs=an.layer_attrs, attention=an.attention,
-                        weight_notes=an.weight_notes)
+                        weight_notes=an.weight_notes, norms=norms)
+
+
+def _couple_shared_slices(an: _Analysis) -> None:
+    """Rows (or columns) of one tensor read at several places are one channel each: a layer called twice,
+    or tied tensors (an embedding table that is also the output layer's weight) reached by two names."""
+    first: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+    for s, atoms in an.raw_slices:
+        if s.kind not in (OUT, IN):
+            continue
+        t = an.tensor_of(s.tensor)
+        key = (id(t) if t is not None else s.tensor, s.dim, s.kind)
+        seen = first.setdefault(key, (s.positions, atoms))
+        if seen[1] is not atoms and torch.equal(seen[0], s.positions):
+            an.couple(seen[1], atoms)
 
 
 def connected_components(n: int, pairs: torch.Tensor) -> tuple[torch.Tensor, int]:

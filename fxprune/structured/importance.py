@@ -5,10 +5,19 @@ over *every* coupled weight slice it owns -- producer rows, depthwise
 kernels, consumer columns -- summed across the group's layers, so that a
 residual channel that matters to any block of the stream is kept. With the
 ``magnitude`` policy the scores are ``|w|``, i.e. the classic L1/L2 filter
-norm (Li et al. 2017) extended to the coupled slices.
+norm (Li et al. 2017) extended to the coupled slices. The aggregate over a
+group is stated once: ``importance[c] = (sum over slices s of sum_i
+|score_s[c, i]| ** p) ** (1/p)`` -- one norm over all the channel's entries
+in every layer of the group (an LLM's hidden channel: its embedding column,
+every q/k/v/gate/up input column, every o/down output row, the lm_head
+column), not a sum of per-layer norms, so a layer counts by how many weights
+it holds. Norm weights and biases are not scored (they are not pruned weights).
 
 Selection is per group: ``round(goal * channels)`` channels are removed
-(never all of them), the lowest-importance first, ties by channel order.
+(never all of them), the lowest-importance first, ties by channel order;
+``min_channels`` and ``round_to`` (pruner keys) then raise or round the
+number kept (:func:`kept_count`; attention head groups are exempt: their
+widths are already multiples of the head size).
 Masks stay monotone: a channel pruned once stays pruned. Grouped
 convolutions need an equal number removed from each conv group; the
 analysis splits such groups into equal *cells* and the goal is met per cell.
@@ -21,13 +30,14 @@ from typing import TYPE_CHECKING
 import torch
 
 from fxprune.structured.dependency import IN, IN_BLOCK, IN_GROUPED, OUT, OUT_BLOCK, ChannelGroup, Slice
+from fxprune.structured.norms import set_kept
 
 if TYPE_CHECKING:
     from fxprune.config import PrunerConfig
     from fxprune.masked import MaskedParameter
     from fxprune.structured.analysis import ChannelPlan
 
-__all__ = ["channel_masks", "group_importance", "select_channels", "kept_entries", "NORMS"]
+__all__ = ["channel_masks", "group_importance", "select_channels", "kept_count", "kept_entries", "NORMS"]
 
 NORMS = {"l1": 1, "l2": 2}
 
@@ -104,8 +114,13 @@ def select_channels(
     goal: float,
     cells: list[list[int]] | None,
     keep_one: list[torch.Tensor] | None = None,
+    min_channels: int = 1,
+    round_to: int = 1,
 ) -> torch.Tensor:
     """Channels to remove (bool, local): ``round(goal * n)`` per cell (at least one kept), lowest first.
+
+    ``min_channels`` and ``round_to`` then adjust the count kept (see
+    :func:`kept_count`).
 
     ``removed`` (bool, local) are already-pruned channels: they stay removed
     and count towards the goal. ``keep_one`` lists the channels of each
@@ -123,6 +138,8 @@ def select_channels(
         key[removed[idx]] = -math.inf  # already removed: first in line, they count towards k
         orders.append(idx[torch.sort(key, stable=True).indices])  # ties by channel order
     k = max(min(int(math.floor(goal * len(idx) + 0.5)), len(idx) - 1) for idx in cell_idx)  # cells: equal sizes
+    per = len(cell_idx[0])
+    k = per - kept_count(per, per - k, len(cell_idx), min_channels, round_to)
 
     out = removed.clone()
     for order in orders:
@@ -131,6 +148,27 @@ def select_channels(
     if not any(bool(out[m].all()) for m in layers):
         return out
     return _select_keeping_layers(orders, removed, k, layers, exact_cells=cells is not None)
+
+
+def kept_count(per_cell: int, kept: int, cells: int = 1, min_channels: int = 1, round_to: int = 1) -> int:
+    """Channels each cell keeps once ``min_channels`` and ``round_to`` apply to the group's total.
+
+    The group keeps ``kept * cells`` channels; that total is raised to at
+    least ``min_channels`` and then moved to the nearest multiple of
+    ``round_to`` that is still at least ``min_channels`` (halves up), per
+    cell in equal steps. A group with fewer channels than it must keep keeps them all, and
+    so does one too small to hold a single multiple of ``round_to``, and one
+    whose goal removes nothing yet.
+    """
+    if kept >= per_cell:
+        return per_cell
+    step = round_to // math.gcd(round_to, cells)  # kept per cell must be a multiple of this
+    low = max(-(-min_channels // cells), 1)
+    want = max(kept, low)
+    allowed = range(-(-low // step) * step, per_cell + 1, step)
+    if not allowed:
+        return per_cell
+    return min(allowed, key=lambda c: (abs(c - want), -c))
 
 
 def _select_keeping_layers(orders: list[torch.Tensor], removed: torch.Tensor, k: int, layers: list[torch.Tensor],
@@ -205,6 +243,7 @@ def channel_masks(
             "prepare the model with fxprune.prepare()"
         )
     p = NORMS[norm]
+    min_channels, round_to = getattr(pruner, "min_channels", 1), getattr(pruner, "round_to", 1)
     name_of = {id(m): n for n, m in plan.masked.items()}
     score_by_name = {name_of[id(m)]: s for m, s in zip(group, scores) if id(m) in name_of}
     groups = plan.groups_of(pruner.name)
@@ -214,9 +253,13 @@ def channel_masks(
         imp = group_importance(grp, score_by_name, p)
         removed = kept_entries(plan, grp) == 0
         layers = [grp.local(s.channels).unique() for s in grp.slices if s.is_weight]
-        drop = select_channels(imp, removed, goal, grp.cells, layers)
+        heads = any(s.kind == OUT_BLOCK for s in grp.slices)  # head counts: not channels, not rounded
+        drop = select_channels(imp, removed, goal, grp.cells, layers, *((1, 1) if heads else (min_channels, round_to)))
         chans = grp.id_tensor()[drop]
         for s in grp.slices:
             if s.tensor in new:
                 _mask_out(new[s.tensor], s, chans)
+        for module, _, norm_chans, gid in plan.norms.values():
+            if gid == grp.index:
+                set_kept(module, ~torch.isin(norm_chans, chans))
     return [new.get(name_of.get(id(m), ""), m.mask.clone()) for m in group]

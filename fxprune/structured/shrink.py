@@ -29,6 +29,7 @@ from fxprune.errors import PruningError
 from fxprune.structured.analysis import ChannelPlan
 from fxprune.structured.attention import set_head_attributes
 from fxprune.structured.dependency import IN, IN_BLOCK, IN_GROUPED, OUT, OUT_BLOCK, Slice
+from fxprune.structured.norms import resize_norm
 
 __all__ = ["removed_channels", "shrink"]
 
@@ -112,12 +113,16 @@ def shrink(model: nn.Module, plan: ChannelPlan, removed: dict[int, torch.Tensor]
             new = new.clone()
         new = new.contiguous()
         changed[name] = (tuple(t.shape), tuple(new.shape))
+        if isinstance(t, nn.Parameter):  # one new Parameter for every holder: tied weights stay one object
+            new = nn.Parameter(new, requires_grad=t.requires_grad)
         for mod, a in holders.get(id(t), [(owner, attr)]):
             if isinstance(t, nn.Parameter):
-                mod._parameters[a] = nn.Parameter(new, requires_grad=t.requires_grad)
+                mod._parameters[a] = new
             else:
                 mod._buffers[a] = new
     _update_attributes(model, plan)
+    for name, (_, spec, chans, _) in plan.norms.items():  # norms without affine tensors have only attributes
+        resize_norm(model.get_submodule(name), spec, int((~gone[chans]).sum()))
     return changed
 
 
@@ -161,6 +166,8 @@ def _update_attributes(model: nn.Module, plan: ChannelPlan) -> None:
             m.out_channels, m.in_channels = out_c, per_in * m.groups
         elif kind == "linear" and isinstance(m, nn.Linear):
             m.out_features, m.in_features = m.weight.shape
+        elif kind == "embedding" and isinstance(m, nn.Embedding):
+            m.num_embeddings, m.embedding_dim = m.weight.shape
         elif kind == "bn" and isinstance(m, nn.modules.batchnorm._NormBase):
             ref = m.weight if m.weight is not None else m.running_mean
             m.num_features = ref.shape[0]
