@@ -20,6 +20,7 @@ from fxprune.structured.attention import record_attention_calls, refusal
 from fxprune.structured.reasons import plain_reason
 from fxprune.structured.dependency import (
     OUT_BLOCK,
+    TRACED_TORCH_LAYERS,
     AttentionMemo,
     ChannelGraph,
     ChannelGroup,
@@ -307,11 +308,12 @@ def _root_graph(prepared: fx.GraphModule, attention: AttentionMemo, leaves: list
 
     ``prepare`` traces through every module that owns pruned weights, so its
     graph has no attention module boundaries left, and a head is only a
-    reshape there. The alternative trace keeps the same fallback leaves (they
+    reshape there (and ``nn.TransformerEncoderLayer`` stays a leaf, hiding
+    its attention). The alternative trace keeps the same fallback leaves (they
     are analysed on their own); if it fails, heads are simply not pruned.
     """
     root = prepared._fxprune_original.module
-    if any(attention(m) is not None for m in root.modules()):
+    if any(attention(m) is not None or isinstance(m, TRACED_TORCH_LAYERS) for m in root.modules()):
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")

@@ -43,7 +43,7 @@ from torch import nn
 
 from fxprune.structured.attention import AttentionSpec, attention_spec
 
-__all__ = ["Slice", "ChannelGroup", "ChannelGraph", "build_channel_graph", "trace_for_channels"]
+__all__ = ["Slice", "ChannelGroup", "ChannelGraph", "TRACED_TORCH_LAYERS", "build_channel_graph", "trace_for_channels"]
 
 # Slice kinds: how a group's channels index a tensor.
 OUT = "out"  # positions along ``dim`` (rows of a producer, BN entries, layer scale)
@@ -149,6 +149,10 @@ class ChannelGraph:
 
 
 # --------------------------------------------------------------------- tracing
+#: torch.nn layers the analysis traces into (fx keeps torch.nn modules whole by default).
+TRACED_TORCH_LAYERS = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
+
+
 class _ChannelTracer(fx.Tracer):
     """Plain fx tracing with torch.nn layers as leaves; remembers the innermost module whose forward raised."""
 
@@ -161,10 +165,16 @@ class _ChannelTracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         from fxprune.masked import MaskedParameter  # noqa: PLC0415 - avoid an import cycle
 
+        if isinstance(m, TRACED_TORCH_LAYERS) and qualname not in self.leaves:
+            return False  # plain Python around an nn.MultiheadAttention and Linear/LayerNorm layers
         return (qualname in self.leaves or isinstance(m, MaskedParameter) or super().is_leaf_module(m, qualname)
                 or self.attention(m) is not None)
 
     def call_module(self, m: nn.Module, forward: Any, args: tuple, kwargs: dict) -> Any:
+        if isinstance(m, TRACED_TORCH_LAYERS) and self.path_of_module(m) not in self.leaves:
+            from fxprune.structured.multihead import layer_slow_path  # noqa: PLC0415
+
+            forward = layer_slow_path(m)
         try:
             return super().call_module(m, forward, args, kwargs)
         except Exception:
@@ -445,9 +455,7 @@ class _Analysis:
                 raise _Unsupported(f"attention {name} attends over a second tracked input (cross-attention)")
             return self.attention_heads(x, spec, name)
         if isinstance(m, nn.MultiheadAttention):
-            raise _Unsupported(
-                f"nn.MultiheadAttention {name}: its heads cannot be removed (its forward requires num_heads x "
-                "head_dim == embed_dim) and it reads its input and output channels itself")
+            return self.multihead_heads(node, m, name, env)
         if isinstance(m, self.elementwise_modules):
             return x if isinstance(x, (_Chan, _Opaque)) else None
         if isinstance(m, nn.Flatten):
@@ -606,6 +614,61 @@ class _Analysis:
             self.layer_attrs[f"{name}.{spec.out}"] = "linear"
             out = _Chan(-1, out_atoms, ndim)
         return _Tuple((out, None)) if spec.returns_tuple else out
+
+    def multihead_heads(self, node: fx.Node, m: nn.MultiheadAttention, name: str, env: dict[fx.Node, Any]) -> Any:
+        """``nn.MultiheadAttention``: heads are channels (``convert`` swaps in
+        :class:`~fxprune.structured.multihead.PrunedMultiheadAttention`).
+
+        Each head owns its query, key and value rows of ``in_proj_weight`` /
+        ``in_proj_bias`` (blocks ``h``, ``H + h``, ``2H + h`` of ``head_dim``
+        rows), its entries of ``bias_k`` / ``bias_v``, and its block of
+        ``out_proj`` columns. The input columns are shared by query, key and
+        value, so they follow the query only when key and value are the same
+        activation (self-attention). The heads are blocked where the attention
+        weights are read: averaged over heads, they change when heads go.
+        """
+        where = f"nn.MultiheadAttention {name}"
+        if not m._qkv_same_embed_dim:
+            raise _Unsupported(f"{where}: separate key/value widths (kdim/vdim) are not supported")
+        names = ("query", "key", "value", "key_padding_mask", "need_weights", "attn_mask", "average_attn_weights")
+        call = dict(zip(names, node.args))
+        call.update(node.kwargs)
+        val = {k: env.get(v) if isinstance(v, fx.Node) else v for k, v in call.items()}
+        q, k, v = val.get("query"), val.get("key"), val.get("value")
+        for mask in ("key_padding_mask", "attn_mask"):
+            if _chans(val.get(mask)):
+                raise _Unsupported(f"{where}: its {mask} is a tracked activation")
+        w, wname = self.weight(f"{name}.in_proj_weight", where), f"{name}.in_proj_weight"
+        heads, d = m.num_heads, m.head_dim
+        in_atoms, chan = self.input_atoms(q, -1, w.shape[1], where)
+        same = call.get("key") is call.get("query") and call.get("value") is call.get("query")
+        if not same:  # cross-attention: key/value read the same columns from another activation
+            self.block(in_atoms, f"{where} reads key/value from another activation through the same "
+                                 "in_proj_weight columns as its query")
+            for t in (k, v):
+                if isinstance(t, _Chan) and t is not q:
+                    self.block(t.atoms, f"{where} reads key/value through the columns of its query")
+        atoms = self.new_atoms(heads)
+        three = torch.cat([atoms, atoms, atoms])  # q, k and v blocks of each head
+        self.add_slice(wname, 1, IN, in_atoms, is_weight=True)
+        self.add_slice(wname, 0, OUT_BLOCK, three, is_weight=True, block=d)
+        if m.in_proj_bias is not None:
+            self.add_slice(f"{name}.in_proj_bias", 0, OUT_BLOCK, three, block=d)
+        for extra in ("bias_k", "bias_v"):  # (1, 1, embed_dim)
+            if getattr(m, extra) is not None:
+                self.add_slice(f"{name}.{extra}", 2, OUT, torch.repeat_interleave(atoms, d), torch.arange(heads * d))
+        ow = f"{name}.out_proj.weight"
+        self.add_slice(ow, 1, IN_BLOCK, atoms, is_weight=True, block=d)
+        out_atoms = self.new_atoms(self.weight(ow, where).shape[0])
+        self.add_slice(ow, 0, OUT, out_atoms, is_weight=True)
+        if m.out_proj.bias is not None:
+            self.add_slice(f"{name}.out_proj.bias", 0, OUT, out_atoms)
+        self.layer_attrs[f"{name}.out_proj"] = "linear"
+        self.layer_attrs[name] = "multihead"
+        if val.get("need_weights", True) is not False and _weights_read(node):
+            self.block(atoms, f"{where}: its attention weights (need_weights=True) are read; averaged over heads, "
+                              "they change when heads are removed")
+        return _Tuple((_Chan(-1, out_atoms, chan.ndim if chan is not None else None), None))
 
     def input_atoms(self, x: Any, dim: int, size: int, where: str, flat_ok: bool = False) -> tuple[torch.Tensor, _Chan | None]:
         """The atoms a layer reads, or fresh blocked atoms if the input's layout is not tracked."""
@@ -819,6 +882,16 @@ class _Unsupported(Exception):
 @dataclass
 class _Param:
     name: str
+
+
+def _weights_read(node: fx.Node) -> bool:
+    """Does anything read more of an attention call's ``(output, weights)`` than ``output``?"""
+    for user in node.users:
+        index = user.args[1] if user.op == "call_function" and user.target is operator.getitem else None
+        if index == 0 or (index == 1 and not user.users):
+            continue
+        return True
+    return False
 
 
 def _first_parameter(m: nn.Module) -> str | None:

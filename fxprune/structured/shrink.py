@@ -8,7 +8,10 @@ and linear rows and columns, biases, BatchNorm weights, biases and running
 statistics, layer-scale entries, flatten blocks of a classifier's columns,
 and the per-conv-group columns of grouped convolutions. Module attributes
 that forwards read (``in_channels``, ``out_channels``, ``groups``,
-``in_features``, ``out_features``, ``num_features``) are updated to match.
+``in_features``, ``out_features``, ``num_features``, head counts) are updated
+to match; an ``nn.MultiheadAttention`` that lost heads is replaced by
+:class:`~fxprune.structured.multihead.PrunedMultiheadAttention`, which holds
+the same tensors (its forward does not tie the head size to the width).
 
 The shrunk model is still an instance of the user's class, but its shapes
 differ: it cannot load a ``state_dict`` of the original shapes (nor give one
@@ -29,6 +32,7 @@ from fxprune.errors import PruningError
 from fxprune.structured.analysis import ChannelPlan
 from fxprune.structured.attention import set_head_attributes
 from fxprune.structured.dependency import IN, IN_BLOCK, IN_GROUPED, OUT, OUT_BLOCK, Slice
+from fxprune.structured.multihead import replace_multihead_attention
 
 __all__ = ["removed_channels", "shrink"]
 
@@ -118,7 +122,26 @@ def shrink(model: nn.Module, plan: ChannelPlan, removed: dict[int, torch.Tensor]
             else:
                 mod._buffers[a] = new
     _update_attributes(model, plan)
+    for name, kind in plan.channels.layer_attrs.items():
+        if kind == "multihead":
+            _replace_multihead(model, plan, name, gone)
     return changed
+
+
+def _replace_multihead(model: nn.Module, plan: ChannelPlan, name: str, gone: torch.Tensor) -> None:
+    """An ``nn.MultiheadAttention`` that lost heads or stream channels becomes a :class:`PrunedMultiheadAttention`.
+
+    (Its own forward requires ``embed_dim`` features in, out and per head group.)
+    """
+    m = model.get_submodule(name)
+    rows = next((s for g in plan.channels.groups for s in g.slices
+                 if s.tensor == f"{name}.in_proj_weight" and s.kind == OUT_BLOCK), None)
+    if rows is None or not isinstance(m, nn.MultiheadAttention):
+        return
+    heads = len(rows.channels) // 3  # the slice lists each head's query, key and value blocks
+    kept = [h for h in range(heads) if not bool(gone[rows.channels[h]])]
+    if len(kept) < heads or m.in_proj_weight.shape[1] != m.embed_dim or m.out_proj.weight.shape[0] != m.embed_dim:
+        replace_multihead_attention(model, name, kept, heads)
 
 
 def _drop_grouped_columns(w: torch.Tensor, groups: int, pos: torch.Tensor, name: str) -> torch.Tensor:
