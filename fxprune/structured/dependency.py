@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fxprune.structured.attention import AttentionSpec, attention_spec
+from fxprune.structured.head_layout import is_conv1d, projection_rows
 
 __all__ = ["Slice", "ChannelGroup", "ChannelGraph", "TRACED_TORCH_LAYERS", "build_channel_graph", "trace_for_channels"]
 
@@ -168,7 +169,7 @@ class _ChannelTracer(fx.Tracer):
         if isinstance(m, TRACED_TORCH_LAYERS) and qualname not in self.leaves:
             return False  # plain Python around an nn.MultiheadAttention and Linear/LayerNorm layers
         return (qualname in self.leaves or isinstance(m, MaskedParameter) or super().is_leaf_module(m, qualname)
-                or self.attention(m) is not None)
+                or is_conv1d(m) or self.attention(m) is not None)
 
     def call_module(self, m: nn.Module, forward: Any, args: tuple, kwargs: dict) -> Any:
         if isinstance(m, TRACED_TORCH_LAYERS) and self.path_of_module(m) not in self.leaves:
@@ -467,6 +468,8 @@ class _Analysis:
                              len(m.kernel_size), f"module {name}")
         if isinstance(m, nn.Linear) and type(m).forward is nn.Linear.forward:
             return self.linear(x, name + ".weight", name + ".bias" if m.bias is not None else None, f"module {name}")
+        if is_conv1d(m):
+            return self.conv1d(x, name)
         if type(m) in _BN_DIMS or isinstance(m, nn.BatchNorm1d):
             if not isinstance(x, _Chan):
                 return None
@@ -514,6 +517,8 @@ class _Analysis:
             return self.binary(args[0], args[1] if len(args) > 1 else kwargs.get("other"), where)
         if fn in (torch.flatten,):
             return self.flatten(args[0], _arg(args, kwargs, 1, "start_dim", 0), _arg(args, kwargs, 2, "end_dim", -1))
+        if fn is torch.chunk:
+            return self.chunk(args[0], _arg(args, kwargs, 1, "chunks", None), _arg(args, kwargs, 2, "dim", 0), where)
         if fn in (torch.cat, torch.concat):
             return self.cat(list(args[0]), _arg(args, kwargs, 1, "dim", 0), where)
         if fn is torch.permute:
@@ -556,6 +561,8 @@ class _Analysis:
             return self.reduce(x, _arg(args, kwargs, 1, "dim", None), _arg(args, kwargs, 2, "keepdim", False), where)
         if name == "dim":
             return None  # the number of dims does not change when channels are removed
+        if name == "chunk":
+            return self.chunk(x, _arg(args, kwargs, 1, "chunks", None), _arg(args, kwargs, 2, "dim", 0), where)
         if name == "size":
             d = _arg(args, kwargs, 1, "dim", None)
             if not isinstance(x, _Chan):
@@ -577,41 +584,50 @@ class _Analysis:
     def attention_heads(self, x: Any, spec: AttentionSpec, name: str) -> Any:
         """A proven attention module: its heads are new channels (see :mod:`fxprune.structured.attention`).
 
-        The query/key/value columns read ``x``'s channels; each head owns a
-        block of ``head_dim`` rows of the three projections and biases, and
-        a block of columns of the output projection -- the module's own, or
-        whichever linear layer reads the returned context (a flattened
-        activation whose channel ``h`` covers ``head_dim`` positions).
+        The projections' input columns read ``x``'s channels; each channel
+        owns the blocks of ``head_dim`` output features that
+        :func:`~fxprune.structured.head_layout.projection_rows` lists (rows,
+        or columns of a transposed ``Conv1D``) and their bias entries, its
+        columns of every per-head table, and a block of columns of the output
+        projection -- the module's own, or whichever linear layer reads the
+        returned context (a flattened activation whose channel ``h`` covers
+        ``head_dim`` positions).
         """
         where = f"attention {name}"
-        for proj in (spec.q, spec.k, spec.v) + ((spec.out,) if spec.out is not None else ()):
+        for proj in spec.projections() + ((spec.out,) if spec.out is not None else ()):
             self.weight(f"{name}.{proj}.weight", where)  # all present before any slice is recorded
         in_atoms, chan = self.input_atoms(x, -1, spec.hidden, where)
         if not spec.input_only_qkv:  # e.g. a residual (LayerNorm(x + ...)) inside the module
             self.block(in_atoms, f"{where} also reads its input outside its query/key/value projections "
                                  "(a residual or norm inside the module), which the analysis does not follow")
         heads = self.new_atoms(spec.channels)  # heads, or key/value groups of grouped-query attention
-        for proj, block in ((spec.q, spec.group * spec.head_dim), (spec.k, spec.head_dim), (spec.v, spec.head_dim)):
-            w = f"{name}.{proj}.weight"
-            self.add_slice(w, 1, IN, in_atoms, is_weight=True)
-            self.add_slice(w, 0, OUT_BLOCK, heads, is_weight=True, block=block)
+        for proj, chans, pos in projection_rows(spec):
+            w, flip = f"{name}.{proj}.weight", proj in spec.transposed
+            self.add_slice(w, 0 if flip else 1, OUT if flip else IN, in_atoms, is_weight=True)
+            self.add_slice(w, 1 if flip else 0, IN_BLOCK if flip else OUT_BLOCK, heads[chans], pos, is_weight=True,
+                           block=spec.head_dim)
             if self.tensor_of(f"{name}.{proj}.bias") is not None:
-                self.add_slice(f"{name}.{proj}.bias", 0, OUT_BLOCK, heads, block=block)
-            self.layer_attrs[f"{name}.{proj}"] = "linear"
+                self.add_slice(f"{name}.{proj}.bias", 0, OUT_BLOCK, heads[chans], pos, block=spec.head_dim)
+            self.layer_attrs[f"{name}.{proj}"] = "conv1d" if flip else "linear"
+        per_query = heads[torch.repeat_interleave(torch.arange(spec.channels), spec.group)]
+        for table in spec.tables:
+            t = self.weight(f"{name}.{table}", where)
+            self.add_slice(f"{name}.{table}", t.dim() - 1, OUT, per_query)
         self.attention[name] = spec
         ndim = chan.ndim if chan is not None else None
         out: _Chan = _Chan(-1, heads, ndim, flat=True)
         if spec.out is not None:
-            w = f"{name}.{spec.out}.weight"
-            self.add_slice(w, 1, IN_BLOCK, heads, is_weight=True, block=spec.group * spec.head_dim)
-            out_atoms = self.new_atoms(self.tensor_of(w).shape[0])
+            w, flip = f"{name}.{spec.out}.weight", spec.out in spec.transposed
+            self.add_slice(w, 0 if flip else 1, OUT_BLOCK if flip else IN_BLOCK, heads, is_weight=True,
+                           block=spec.group * spec.head_dim)
+            out_atoms = self.new_atoms(self.tensor_of(w).shape[1 if flip else 0])
             if not spec.output_is_projection:  # ALBERT: returns LayerNorm(input + dense(context))
                 self.block(out_atoms, f"{where} returns more than its output projection {spec.out} "
                                       "(e.g. LayerNorm(input + projection) inside the module)")
-            self.add_slice(w, 0, OUT, out_atoms, is_weight=True)
+            self.add_slice(w, 1 if flip else 0, IN if flip else OUT, out_atoms, is_weight=True)
             if self.tensor_of(f"{name}.{spec.out}.bias") is not None:
                 self.add_slice(f"{name}.{spec.out}.bias", 0, OUT, out_atoms)
-            self.layer_attrs[f"{name}.{spec.out}"] = "linear"
+            self.layer_attrs[f"{name}.{spec.out}"] = "conv1d" if flip else "linear"
             out = _Chan(-1, out_atoms, ndim)
         return _Tuple((out, None)) if spec.returns_tuple else out
 
@@ -734,6 +750,42 @@ class _Analysis:
             self.add_slice(bname, 0, OUT, out)
         self.layer_attrs[wname.rpartition(".")[0]] = "linear"
         return _Chan(-1, out, chan.ndim if chan is not None else None)
+
+    def conv1d(self, x: Any, name: str) -> _Chan:
+        """Hugging Face ``Conv1D``: a linear layer whose weight is ``(in, out)`` (rows read, columns write)."""
+        wname = name + ".weight"
+        c_in, c_out = self.weight(wname, f"module {name}").shape
+        in_atoms, chan = self.input_atoms(x, -1, c_in, f"module {name}")
+        self.add_slice(wname, 0, OUT, in_atoms, is_weight=True)
+        out = self.new_atoms(c_out)
+        self.add_slice(wname, 1, IN, out, is_weight=True)
+        if self.tensor_of(name + ".bias") is not None:
+            self.add_slice(name + ".bias", 0, OUT, out)
+        self.layer_attrs[name] = "conv1d"
+        return _Chan(-1, out, chan.ndim if chan is not None else None)
+
+    def chunk(self, x: Any, n: Any, dim: Any, where: str) -> Any:
+        """``x.chunk(n, dim)``: along the channels, n equal parts whose i-th channels go together.
+
+        A fused gate|up projection (Phi3) is split this way; after pruning
+        ``chunk`` must still cut at the same place, so every part keeps the
+        same channels (coupled position by position).
+        """
+        if not isinstance(x, _Chan):
+            return None
+        if not isinstance(n, int) or not isinstance(dim, int):
+            raise _Unsupported(f"{where}: chunk count or dim not known at trace time")
+        d = dim if dim < 0 else (dim - x.ndim if x.ndim is not None else None)
+        if d is None:
+            raise _Unsupported(f"{where}: cannot relate the chunk dim to the channel dim")
+        if d != x.dim:
+            return _Tuple(tuple(x for _ in range(n)))
+        if x.flat or n < 1 or len(x.atoms) % n:
+            raise _Unsupported(f"{where}: chunks of unequal size along the channel dim")
+        parts = x.atoms.reshape(n, -1)
+        for p in parts[1:]:
+            self.couple(parts[0], p)
+        return _Tuple(tuple(_Chan(x.dim, p.clone(), x.ndim) for p in parts))
 
     def layer_norm(self, x: Any, shape: tuple, wname: str | None, bname: str | None, where: str) -> Any:
         if not isinstance(x, _Chan):

@@ -31,6 +31,7 @@ from torch import nn
 from fxprune.errors import PruningError
 from fxprune.structured.analysis import ChannelPlan
 from fxprune.structured.attention import set_head_attributes
+from fxprune.structured.head_layout import is_conv1d
 from fxprune.structured.dependency import IN, IN_BLOCK, IN_GROUPED, OUT, OUT_BLOCK, Slice
 from fxprune.structured.multihead import replace_multihead_attention
 
@@ -184,6 +185,8 @@ def _update_attributes(model: nn.Module, plan: ChannelPlan) -> None:
             m.out_channels, m.in_channels = out_c, per_in * m.groups
         elif kind == "linear" and isinstance(m, nn.Linear):
             m.out_features, m.in_features = m.weight.shape
+        elif kind == "conv1d" and is_conv1d(m):  # Hugging Face Conv1D: weight (in, out), forward reads nf
+            m.nx, m.nf = m.weight.shape
         elif kind == "bn" and isinstance(m, nn.modules.batchnorm._NormBase):
             ref = m.weight if m.weight is not None else m.running_mean
             m.num_features = ref.shape[0]
