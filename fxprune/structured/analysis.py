@@ -327,6 +327,12 @@ def _trace_down(prepared: nn.Module, name: str, attention: AttentionMemo, untrac
     """Trace a module for the analysis; if it cannot be traced, its children one by one."""
     module = prepared.get_submodule(name) if name else prepared._fxprune_original.module
     error = ""
+    if name and attention(module) is not None:  # a proven attention module: analysed whole, as a leaf
+        parent, _, child = name.rpartition(".")
+        g = fx.Graph()
+        g.output(g.call_module(child, (g.placeholder("x"),)))
+        yield g, (parent + "." if parent else "")
+        return
     if name:
         for first_input_only in (False, True):
             try:

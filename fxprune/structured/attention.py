@@ -155,8 +155,10 @@ def _fused(module: nn.Module) -> list[AttentionSpec]:
     name = next((n for n in _FUSED if module._modules.get(n) is not None
                  and _features(module._modules[n]) is not None), None)
     heads = _int_attr(module, _HEAD_COUNT_ATTRS)
+    if heads is None and isinstance(get_dotted(module, _CONFIG_HEAD_COUNT), int):
+        heads = get_dotted(module, _CONFIG_HEAD_COUNT)  # Phi3 keeps it in the config only
     head_dim = _int_attr(module, _HEAD_DIM_ATTRS)
-    if name is None or heads is None:
+    if name is None or not heads:
         return []
     layer = module._modules[name]
     hidden, width = _features(layer)
@@ -171,7 +173,7 @@ def _fused(module: nn.Module) -> list[AttentionSpec]:
     if out is None:
         return []
     count_attrs = tuple(a for a in _HEAD_COUNT_ATTRS if getattr(module, a, None) == heads)
-    kv_attrs = tuple(a for a in _KV_HEAD_COUNT_ATTRS if getattr(module, a, None) == kv) if kv != heads else ()
+    kv_attrs = tuple(a for a in _KV_HEAD_COUNT_ATTRS if getattr(module, a, None) == kv)
     width_attrs = tuple(a for a in _WIDTH_ATTRS if getattr(module, a, None) == heads * head_dim)
     layouts = ["shared_kv"] if kv == 1 else ["qkv", "interleaved"]
     specs = []

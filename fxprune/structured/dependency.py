@@ -169,7 +169,7 @@ class _ChannelTracer(fx.Tracer):
         if isinstance(m, TRACED_TORCH_LAYERS) and qualname not in self.leaves:
             return False  # plain Python around an nn.MultiheadAttention and Linear/LayerNorm layers
         return (qualname in self.leaves or isinstance(m, MaskedParameter) or super().is_leaf_module(m, qualname)
-                or is_conv1d(m) or self.attention(m) is not None)
+                or is_conv1d(m) or _acts_as_linear(m) or self.attention(m) is not None)
 
     def call_module(self, m: nn.Module, forward: Any, args: tuple, kwargs: dict) -> Any:
         if isinstance(m, TRACED_TORCH_LAYERS) and self.path_of_module(m) not in self.leaves:
@@ -209,6 +209,7 @@ def _trace_with_leaves(module: nn.Module, attention: AttentionMemo, leaves: set[
     """
     for m in module.modules():
         attention(m)
+        _acts_as_linear(m)  # its check runs the layer: not while fx intercepts module calls
     leaves = set(leaves or ())
     while True:
         tracer = _ChannelTracer(leaves, attention)
@@ -466,7 +467,7 @@ class _Analysis:
         ) and m.padding_mode == "zeros":
             return self.conv(x, name + ".weight", name + ".bias" if m.bias is not None else None, m.groups,
                              len(m.kernel_size), f"module {name}")
-        if isinstance(m, nn.Linear) and type(m).forward is nn.Linear.forward:
+        if _acts_as_linear(m):
             return self.linear(x, name + ".weight", name + ".bias" if m.bias is not None else None, f"module {name}")
         if is_conv1d(m):
             return self.conv1d(x, name)
@@ -517,6 +518,8 @@ class _Analysis:
             return self.binary(args[0], args[1] if len(args) > 1 else kwargs.get("other"), where)
         if fn in (torch.flatten,):
             return self.flatten(args[0], _arg(args, kwargs, 1, "start_dim", 0), _arg(args, kwargs, 2, "end_dim", -1))
+        if fn in (torch.pow, operator.pow) and len(args) > 1 and isinstance(args[1], (int, float)):
+            return self.unary(args[:1], where)  # x ** 3 of a GELU approximation: elementwise
         if fn is torch.chunk:
             return self.chunk(args[0], _arg(args, kwargs, 1, "chunks", None), _arg(args, kwargs, 2, "dim", 0), where)
         if fn in (torch.cat, torch.concat):
@@ -561,6 +564,8 @@ class _Analysis:
             return self.reduce(x, _arg(args, kwargs, 1, "dim", None), _arg(args, kwargs, 2, "keepdim", False), where)
         if name == "dim":
             return None  # the number of dims does not change when channels are removed
+        if name == "pow" and len(args) > 1 and isinstance(args[1], (int, float)):
+            return x if isinstance(x, (_Chan, _Opaque)) else None
         if name == "chunk":
             return self.chunk(x, _arg(args, kwargs, 1, "chunks", None), _arg(args, kwargs, 2, "dim", 0), where)
         if name == "size":
@@ -934,6 +939,36 @@ class _Unsupported(Exception):
 @dataclass
 class _Param:
     name: str
+
+
+_LINEAR_CLASSES: dict[type, bool] = {nn.Linear: True}  # class -> its forward computes F.linear (checked once)
+
+
+def _acts_as_linear(m: nn.Module) -> bool:
+    """``nn.Linear``, or a subclass whose own forward gives ``F.linear`` (Falcon's ``x @ W.T + b``).
+
+    Checked once per class on a fresh instance and a random input, with and
+    without bias: a subclass that does anything else (LoRA, quantization) is
+    traced through like any other code.
+    """
+    cls = type(m)
+    if not isinstance(m, nn.Linear):
+        return False
+    if cls.forward is nn.Linear.forward:
+        return True
+    if cls not in _LINEAR_CLASSES:
+        ok = True
+        try:
+            gen = torch.Generator().manual_seed(0)
+            for bias in (True, False):
+                probe = cls(5, 3, bias=bias)
+                x = torch.randn(2, 4, 5, generator=gen)
+                with torch.no_grad():
+                    ok = ok and torch.allclose(probe(x), F.linear(x, probe.weight, probe.bias), atol=1e-6)
+        except Exception:  # noqa: BLE001 - a constructor or forward that differs: not a plain linear layer
+            ok = False
+        _LINEAR_CLASSES[cls] = ok
+    return _LINEAR_CLASSES[cls]
 
 
 def _weights_read(node: fx.Node) -> bool:

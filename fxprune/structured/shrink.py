@@ -53,7 +53,36 @@ def removed_channels(plan: ChannelPlan) -> dict[int, torch.Tensor]:
         if len(local):
             out[gid] = grp.id_tensor()[local]
             _check_shrinkable(plan, grp, out[gid])
+    _check_shared_head_counts(plan, out)
     return out
+
+
+def _check_shared_head_counts(plan: ChannelPlan, removed: dict[int, torch.Tensor]) -> None:
+    """Attention layers that read their head count from one shared config must all keep the same number."""
+    module_of = {}
+    for mod_name, spec in plan.channels.attention.items():
+        shared = [a for a in spec.head_count_attrs if "." in a]
+        if not shared:
+            continue
+        rows = f"{mod_name}.{spec.q}.weight"
+        cut = 0
+        for gid, chans in removed.items():
+            for sl in plan.channels.groups[gid].slices:
+                if sl.tensor == rows and sl.kind in (OUT_BLOCK, IN_BLOCK):
+                    cut = max(cut, int(torch.isin(sl.channels.unique(), chans).sum()))
+        for a in shared:
+            module_of.setdefault(a, {})[mod_name] = spec.heads - cut * spec.group
+    for attr, counts in module_of.items():
+        if len(set(counts.values())) > 1:
+            raise PruningError(
+                f"convert(physical=True): the attention layers read their head count from one shared {attr}, but the "
+                f"masks keep different numbers of heads in them ({_short_counts(counts)}); prune the same number of "
+                "heads in every layer (one goal per group, no global ranking across these layers)")
+
+
+def _short_counts(counts: dict[str, int]) -> str:
+    items = [f"{n}: {c}" for n, c in counts.items()]
+    return ", ".join(items[:4]) + (f", ... (+{len(items) - 4})" if len(items) > 4 else "")
 
 
 def _check_shrinkable(plan: ChannelPlan, grp, chans: torch.Tensor) -> None:
