@@ -110,9 +110,17 @@ def _output(module: nn.Module, width: int, any_linear: bool) -> tuple[str | None
 
 def _tables(module: nn.Module, heads: int) -> tuple[str, ...]:
     """The module's own parameters with one entry per head on the last dim (relative position bias tables)."""
-    own = [(n, p) for n, p in module._parameters.items() if p is not None]
-    own += [(n, m.param) for n, m in module._modules.items() if isinstance(getattr(m, "param", None), torch.Tensor)]
-    return tuple(n for n, p in own if p.dim() >= 2 and p.shape[-1] == heads)
+    def own(m: nn.Module, prefix: str) -> list[tuple[str, torch.Tensor]]:
+        found = [(prefix + n, p) for n, p in m._parameters.items() if p is not None]
+        return found + [(prefix + n, c.param) for n, c in m._modules.items()
+                        if isinstance(getattr(c, "param", None), torch.Tensor)]  # a prepared model's masked ones
+
+    tables = own(module, "")
+    for n, child in module._modules.items():  # one level down: Swin's relative_position_bias module
+        if child is not None and _features(child) is None and not isinstance(getattr(child, "param", None),
+                                                                               torch.Tensor):
+            tables += own(child, n + ".")
+    return tuple(n for n, p in tables if p.dim() >= 2 and p.shape[-1] == heads)
 
 
 def _candidates(module: nn.Module) -> list[AttentionSpec]:

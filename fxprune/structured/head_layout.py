@@ -134,8 +134,10 @@ def cut_channel(module: nn.Module, spec: AttentionSpec, channel: int) -> None:
                  bias_too=False)
         query_heads = (torch.arange(spec.heads) // spec.group != channel).nonzero().reshape(-1)
         for t in spec.tables:
-            p = getattr(module, t)
-            setattr(module, t, nn.Parameter(p.index_select(p.dim() - 1, query_heads), requires_grad=False))
+            owner, _, attr = t.rpartition(".")
+            holder = module.get_submodule(owner) if owner else module
+            p = getattr(holder, attr)
+            setattr(holder, attr, nn.Parameter(p.index_select(p.dim() - 1, query_heads), requires_grad=False))
     set_head_attributes(module, spec)
 
 
