@@ -137,3 +137,22 @@ def test_swin_heads_take_their_relative_position_bias_columns():
     assert heads == [(1, 1), (1, 1), (2, 2), (2, 2)]
     with torch.no_grad():
         torch.testing.assert_close(shrunk(x).last_hidden_state, prepared(x).last_hidden_state, atol=1e-5, rtol=1e-4)
+
+
+def test_a_shared_config_head_count_needs_the_same_heads_in_every_layer():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.Phi3Config(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2, pad_token_id=0)
+    model = transformers.Phi3Model(cfg).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        prepared = fxprune.prepare(model, {"magnitude": {"p": {
+            "pattern": "channel", "target_sparsity": 0.5, "schedule": "oneshot"}}, "start_epoch": 0, "end_epoch": 0},
+            example_inputs=(torch.randint(0, 100, (2, 8)),))
+    prepared.pruner.on_epoch_begin(0)
+    for t in prepared.pruner.targets:  # layer 1 keeps every head, layer 0 loses half
+        if t.name.startswith("layers.1.self_attn."):
+            t.masked.mask.fill_(True)
+    with pytest.raises(fxprune.errors.PruningError, match="shared config.num_attention_heads"):
+        fxprune.convert(prepared, physical=True)

@@ -211,3 +211,26 @@ def test_torchvision_vit_loses_half_its_heads():
     with torch.no_grad():
         torch.testing.assert_close(shrunk(x), prepared(x), atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(shrunk(x[:1]), prepared(x[:1]), atol=1e-5, rtol=1e-4)
+
+
+def test_transformer_decoder_layer_self_and_cross_attention_lose_heads():
+    torch.manual_seed(0)
+
+    class Decoder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp, self.mem = nn.Linear(6, 16), nn.Linear(6, 16)
+            self.layer = nn.TransformerDecoderLayer(16, 4, 32, dropout=0.0, batch_first=True)
+            self.out = nn.Linear(16, 3)
+
+        def forward(self, x, m):
+            return self.out(self.layer(self.inp(x), self.mem(m)))
+
+    x, m = torch.randn(2, 5, 6), torch.randn(2, 7, 6)
+    prepared, shrunk = prune(Decoder(), 0.5, (x, m))
+    assert shrunk.layer.self_attn.num_heads == 2 and shrunk.layer.multihead_attn.num_heads == 2
+    report = channel_report(prepared)["p"]
+    assert any("reads key/value from another activation" in r for _, _, _, rs in report.excluded for r in rs)
+    no_fxprune_leftovers(shrunk)
+    with torch.no_grad():
+        torch.testing.assert_close(shrunk(x, m), prepared(x, m), atol=1e-5, rtol=1e-4)
