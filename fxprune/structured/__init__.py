@@ -5,7 +5,10 @@
 * :mod:`~fxprune.structured.dependency` -- channel atoms, dependencies and groups over the fx graph
   (connected components by a vectorized union-find);
 * :mod:`~fxprune.structured.attention` -- multi-head attention modules recognised and proven, so that
-  whole heads are channels;
+  whole heads are channels; :mod:`~fxprune.structured.head_layout` -- where each head lives in separate
+  or fused projections, and how one is cut;
+* :mod:`~fxprune.structured.multihead` -- ``nn.MultiheadAttention`` with heads removed
+  (:class:`PrunedMultiheadAttention`, what ``convert(physical=True)`` puts in its place);
 * :mod:`~fxprune.structured.analysis` -- the plan of a prepared model: which pruner prunes which group,
   and a report of what cannot be pruned and why;
 * :mod:`~fxprune.structured.importance` -- group importance (L1/L2 over coupled slices) and channel masks;
@@ -23,6 +26,7 @@ from fxprune.structured.analysis import (
 )
 from fxprune.structured.dependency import ChannelGraph, ChannelGroup, Slice, build_channel_graph
 from fxprune.structured.importance import channel_masks, group_importance, select_channels
+from fxprune.structured.multihead import PrunedMultiheadAttention
 from fxprune.structured.shrink import removed_channels, shrink
 
 __all__ = [
@@ -31,6 +35,7 @@ __all__ = [
     "ChannelReports",
     "ChannelGraph",
     "ChannelGroup",
+    "PrunedMultiheadAttention",
     "Slice",
     "attach_channel_plan",
     "build_channel_graph",
