@@ -47,6 +47,7 @@ from __future__ import annotations
 import argparse
 import math
 import re
+import signal
 import statistics
 import time
 import traceback
@@ -416,12 +417,22 @@ def run_case(case: Case, repeats: int = 5, keep_model: bool = False, torch_pruni
     return res
 
 
-def torch_pruning_ratio(case: Case) -> tuple[float, str]:
+class _TimedOut(Exception):
+    pass
+
+
+def _alarm(_signum: int, _frame: Any) -> None:
+    raise _TimedOut
+
+
+def torch_pruning_ratio(case: Case, timeout: int = 120) -> tuple[float, str]:
     """Torch-Pruning's parameter ratio on the same model at the same goal (its documented MetaPruner use).
 
     Magnitude (L1) importance, ``pruning_ratio=0.5``, 1000-way classifier heads
-    ignored, ``num_heads`` given for the q/k/v layers of attention modules
-    with a head count attribute (``prune_num_heads=True``). The note says
+    ignored, ``num_heads`` given for every ``nn.MultiheadAttention`` and the
+    q/k/v layers of attention modules with a head count attribute
+    (``prune_num_heads=True``), Hugging Face outputs read through
+    ``output_transform``; given up after ``timeout`` seconds. The note says
     whether its pruned model still runs on the example input.
     """
     try:
@@ -442,15 +453,23 @@ def torch_pruning_ratio(case: Case) -> tuple[float, str]:
         for child in ("query", "key", "value", "q_proj", "k_proj", "v_proj"):
             if heads and isinstance(getattr(m, child, None), nn.Linear):
                 num_heads[getattr(m, child)] = heads
+    previous = signal.signal(signal.SIGALRM, _alarm)  # Torch-Pruning can run for hours on some graphs
+    signal.alarm(timeout)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             pruner = tp.pruner.MetaPruner(model, x if len(x) > 1 else x[0],
                                           importance=tp.importance.MagnitudeImportance(p=1), pruning_ratio=GOAL,
-                                          ignored_layers=ignored, num_heads=num_heads, prune_num_heads=bool(num_heads))
+                                          ignored_layers=ignored, num_heads=num_heads, prune_num_heads=bool(num_heads),
+                                          output_transform=_tensor_out)
             pruner.step()
+    except _TimedOut:
+        return math.nan, f"timed out after {timeout} s"
     except Exception as e:  # noqa: BLE001 - a baseline failure is a table cell
         return math.nan, f"{type(e).__name__}"
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
     ratio = n_params(model) / before
     try:
         with torch.no_grad():
