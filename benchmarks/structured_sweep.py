@@ -24,9 +24,9 @@ the diff):
    groups' reasons (layer names stripped, "xN" = in N groups, most frequent
    first) and how many of the pruner's weights no prunable group reaches.
 3. Attention heads before -> after: the proven attention modules of the
-   channel plan, counted from their head count and the shrunk query
-   projection's rows. ``-`` when the model has no provable attention (e.g.
-   torchvision's ``nn.MultiheadAttention``, reported among the reasons).
+   channel plan (separate or fused projections) and every
+   ``nn.MultiheadAttention``, counted from their projection shapes and head
+   counts. ``-`` when the model has no provable attention.
 4. Parameters shrunk / dense; CPU latency at batch 1 shrunk / dense (models
    interleaved in every repeat, median); max |shrunk(x) - masked(x)| on a
    fresh input, and that over max |masked(x)| ("rel").
@@ -36,6 +36,7 @@ Run::
     python benchmarks/structured_sweep.py                       # all models, 224x224 images, bert-base
     python benchmarks/structured_sweep.py --only resnet18 --only bert
     python benchmarks/structured_sweep.py --image-size 64 --repeats 3   # CNNs only go small; vit_b_16 stays 224
+    python benchmarks/structured_sweep.py --hf-zoo --only vit_small_tv --torch-pruning --repeats 3
 
 Each model runs in its own ``try``: a failure is a table row with the
 exception, and the traceback is printed after the table.
@@ -46,6 +47,7 @@ from __future__ import annotations
 import argparse
 import math
 import re
+import signal
 import statistics
 import time
 import traceback
@@ -59,6 +61,7 @@ from torch import nn
 
 import fxprune
 from fxprune.structured import channel_plan_of, channel_report
+from fxprune.structured.head_layout import heads_left
 
 __all__ = ["CASES", "Case", "Result", "bert_case", "expose_wrong_shrinks", "make_case", "markdown_table", "main",
            "n_params", "run_case", "summarize_reasons", "vision_case"]
@@ -98,6 +101,8 @@ class Result:
     seconds: float = 0.0
     error: str = ""
     shrunk: nn.Module | None = None
+    tp_ratio: float = math.nan  # Torch-Pruning's params ratio on the same model (--torch-pruning)
+    tp_note: str = ""
 
     @property
     def params_ratio(self) -> float:
@@ -200,9 +205,71 @@ def llama_case(hidden: int = 512, layers: int = 8, heads: int = 8, kv_heads: int
                 pass_example_inputs=True, note=f"h{hidden} L{layers} H{heads} KV{kv_heads} seq{seq}")
 
 
+def vit_small_case() -> Case:
+    """torchvision ``VisionTransformer`` at a small size (4 layers, 6 heads of 64, 64x64 images)."""
+
+    def build() -> nn.Module:
+        import torchvision
+
+        return torchvision.models.VisionTransformer(image_size=64, patch_size=16, num_layers=4, num_heads=6,
+                                                    hidden_dim=384, mlp_dim=1536).eval()
+
+    return Case("vit_small_tv", build, lambda: (torch.randn(1, 3, 64, 64),), note="64px L4 H6 d384")
+
+
+#: The Hugging Face tiny-config zoo: (class name, config class, config kwargs, input kind). Random init, 2 layers.
+_TEXT = dict(vocab_size=1000)
+HF_ZOO: dict[str, tuple[str, str, dict[str, Any], str]] = {
+    "hf_bert": ("BertModel", "BertConfig", dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                                intermediate_size=512, **_TEXT), "ids"),
+    "hf_roberta": ("RobertaModel", "RobertaConfig", dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                                         intermediate_size=512, **_TEXT), "ids"),
+    "hf_vit": ("ViTModel", "ViTConfig", dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                             intermediate_size=512, image_size=32, patch_size=8), "image32"),
+    "hf_swin": ("SwinModel", "SwinConfig", dict(image_size=32, patch_size=4, embed_dim=32, depths=[2, 2],
+                                                num_heads=[2, 4], window_size=4), "image32"),
+    "hf_clip_vision": ("CLIPVisionModel", "CLIPVisionConfig", dict(hidden_size=128, num_hidden_layers=2,
+                                                                  num_attention_heads=4, intermediate_size=512,
+                                                                  image_size=32, patch_size=8), "image32"),
+    "hf_gpt2": ("GPT2Model", "GPT2Config", dict(n_embd=128, n_layer=2, n_head=4, n_positions=64, **_TEXT), "ids"),
+    "hf_llama": ("LlamaModel", "LlamaConfig", dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                                   num_key_value_heads=2, intermediate_size=344, **_TEXT), "ids"),
+    "hf_qwen2": ("Qwen2Model", "Qwen2Config", dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                                   num_key_value_heads=2, intermediate_size=344, **_TEXT), "ids"),
+    "hf_mistral": ("MistralModel", "MistralConfig", dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                                         num_key_value_heads=2, intermediate_size=344, **_TEXT), "ids"),
+    "hf_phi3": ("Phi3Model", "Phi3Config", dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                                num_key_value_heads=2, intermediate_size=344, pad_token_id=0,
+                                                **_TEXT), "ids"),
+    "hf_gemma2": ("Gemma2Model", "Gemma2Config", dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                                      num_key_value_heads=2, head_dim=32, intermediate_size=344,
+                                                      **_TEXT), "ids"),
+    "hf_falcon": ("FalconModel", "FalconConfig", dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                                      new_decoder_architecture=True, num_kv_heads=2, alibi=False,
+                                                      **_TEXT), "ids"),
+    "hf_t5_encoder": ("T5EncoderModel", "T5Config", dict(d_model=128, d_kv=32, d_ff=512, num_layers=2, num_heads=4,
+                                                         **_TEXT), "ids"),
+}
+
+
+def hf_case(name: str) -> Case:
+    """One model of :data:`HF_ZOO`, every weight given to the channel pruner (outputs stay their size)."""
+    cls_name, cfg_name, kwargs, kind = HF_ZOO[name]
+
+    def build() -> nn.Module:
+        import transformers
+
+        return getattr(transformers, cls_name)(getattr(transformers, cfg_name)(**kwargs)).eval()
+
+    def inputs() -> tuple:
+        return (torch.randn(1, 3, 32, 32),) if kind == "image32" else (torch.randint(0, 1000, (1, 16)),)
+
+    return Case(name, build, inputs, pass_example_inputs=True, note=cls_name)
+
+
 VISION = ("resnet18", "resnet50", "mobilenet_v3_small", "mobilenet_v3_large", "efficientnet_b0", "convnext_tiny",
           "vit_b_16")
-CASES: tuple[str, ...] = (*VISION, "bert", "llama")
+CASES: tuple[str, ...] = (*VISION, "vit_small_tv", "bert", "llama", *HF_ZOO)
 
 
 def make_case(name: str, image_size: int = 224) -> Case:
@@ -213,6 +280,10 @@ def make_case(name: str, image_size: int = 224) -> Case:
         return llama_case()
     if name in VISION:
         return vision_case(name, image_size)
+    if name == "vit_small_tv":
+        return vit_small_case()
+    if name in HF_ZOO:
+        return hf_case(name)
     raise ValueError(f"unknown model {name!r}; choose from {', '.join(CASES)}")
 
 
@@ -288,7 +359,7 @@ def _latency(dense: nn.Module, shrunk: nn.Module, x: tuple, repeats: int) -> tup
     return statistics.median(times["dense"]), statistics.median(times["shrunk"])
 
 
-def run_case(case: Case, repeats: int = 5, keep_model: bool = False) -> Result:
+def run_case(case: Case, repeats: int = 5, keep_model: bool = False, torch_pruning: bool = False) -> Result:
     """Prune one model at 50% channels, shrink it, and measure; exceptions propagate (``main`` catches them).
 
     ``repeats=0`` leaves the latency columns empty (NaN).
@@ -325,8 +396,11 @@ def run_case(case: Case, repeats: int = 5, keep_model: bool = False) -> Result:
     res.dense_weights = len(report.dense_weights)
     for name, spec in plan.channels.attention.items():
         res.heads_before += spec.heads
-        q = shrunk.get_submodule(f"{name}.{spec.q}" if name else spec.q)
-        res.heads_after += q.weight.shape[0] // spec.head_dim
+        res.heads_after += heads_left(shrunk.get_submodule(name) if name else shrunk, spec)[0]
+    for name, kind in plan.channels.layer_attrs.items():  # nn.MultiheadAttention (maybe replaced at convert)
+        if kind == "multihead":
+            res.heads_before += dense.get_submodule(name).num_heads
+            res.heads_after += shrunk.get_submodule(name).num_heads
     res.params_dense, res.params_shrunk = n_params(dense), n_params(shrunk)
     with torch.no_grad():
         got = _tensor_out(shrunk(*x))
@@ -338,7 +412,71 @@ def run_case(case: Case, repeats: int = 5, keep_model: bool = False) -> Result:
         res.latency_dense, res.latency_shrunk = _latency(dense, shrunk, x, repeats)
     if keep_model:
         res.shrunk = shrunk
+    if torch_pruning:
+        res.tp_ratio, res.tp_note = torch_pruning_ratio(case)
     return res
+
+
+class _TimedOut(Exception):
+    pass
+
+
+def _alarm(_signum: int, _frame: Any) -> None:
+    raise _TimedOut
+
+
+def torch_pruning_ratio(case: Case, timeout: int = 120) -> tuple[float, str]:
+    """Torch-Pruning's parameter ratio on the same model at the same goal (its documented MetaPruner use).
+
+    Magnitude (L1) importance, ``pruning_ratio=0.5``, 1000-way classifier heads
+    ignored, ``num_heads`` given for every ``nn.MultiheadAttention`` and the
+    q/k/v layers of attention modules with a head count attribute
+    (``prune_num_heads=True``), Hugging Face outputs read through
+    ``output_transform``; given up after ``timeout`` seconds. The note says
+    whether its pruned model still runs on the example input.
+    """
+    try:
+        import torch_pruning as tp
+    except ImportError:
+        return math.nan, "torch_pruning not installed"
+    torch.manual_seed(0)
+    model = case.build()
+    x = case.inputs()
+    before = n_params(model)
+    ignored = [m for m in model.modules() if isinstance(m, nn.Linear) and m.out_features == 1000]
+    num_heads: dict[nn.Module, int] = {}
+    for m in model.modules():
+        if isinstance(m, nn.MultiheadAttention):
+            num_heads[m] = m.num_heads
+        heads = next((getattr(m, a) for a in ("num_attention_heads", "num_heads") if isinstance(getattr(m, a, None), int)),
+                     None)
+        for child in ("query", "key", "value", "q_proj", "k_proj", "v_proj"):
+            if heads and isinstance(getattr(m, child, None), nn.Linear):
+                num_heads[getattr(m, child)] = heads
+    previous = signal.signal(signal.SIGALRM, _alarm)  # Torch-Pruning can run for hours on some graphs
+    signal.alarm(timeout)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            pruner = tp.pruner.MetaPruner(model, x if len(x) > 1 else x[0],
+                                          importance=tp.importance.MagnitudeImportance(p=1), pruning_ratio=GOAL,
+                                          ignored_layers=ignored, num_heads=num_heads, prune_num_heads=bool(num_heads),
+                                          output_transform=_tensor_out)
+            pruner.step()
+    except _TimedOut:
+        return math.nan, f"timed out after {timeout} s"
+    except Exception as e:  # noqa: BLE001 - a baseline failure is a table cell
+        return math.nan, f"{type(e).__name__}"
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    ratio = n_params(model) / before
+    try:
+        with torch.no_grad():
+            model(*x)
+    except Exception as e:  # noqa: BLE001
+        return ratio, f"its model fails: {type(e).__name__}"
+    return ratio, ""
 
 
 # ----------------------------------------------------------------------------- table
@@ -350,12 +488,12 @@ def markdown_table(results: list[Result], notes: dict[str, str] | None = None, t
     """The sweep's table; ``notes`` (model -> input size / config) go after the name, ``top`` reasons per row."""
     notes = notes or {}
     head = ("| model | prunable groups | excluded groups (main reasons) | heads | params (shrunk/dense) "
-            "| latency b=1 (shrunk/dense) | max abs diff | pass seconds |")
-    lines = [head, "|" + "---|" * 8]
+            "| latency b=1 (shrunk/dense) | max abs diff | pass seconds | Torch-Pruning params |")
+    lines = [head, "|" + "---|" * 9]
     for r in results:
         label = f"{r.name} ({notes[r.name]})" if notes.get(r.name) else r.name
         if r.error:
-            lines.append(f"| {label} | FAIL | {r.error} | | | | | {r.seconds:.1f} |")
+            lines.append(f"| {label} | FAIL | {r.error} | | | | | {r.seconds:.1f} | |")
             continue
         why = "; ".join(f"{s} ×{n}" for s, n in r.reasons[:top])
         if len(r.reasons) > top:
@@ -371,7 +509,8 @@ def markdown_table(results: list[Result], notes: dict[str, str] | None = None, t
             lat = (f"{r.latency_shrunk * 1e3:.1f} / {r.latency_dense * 1e3:.1f} ms = "
                    f"{r.latency_shrunk / r.latency_dense:.2f}")
         lines.append(f"| {label} | {r.prunable} | {excl} | {heads} | {params} | {lat} | "
-                     f"{r.max_abs_diff:.1e} (rel {r.rel_diff:.0e}) | {r.seconds:.2f} |")
+                     f"{r.max_abs_diff:.1e} (rel {r.rel_diff:.0e}) | {r.seconds:.2f} | "
+                     f"{'-' if math.isnan(r.tp_ratio) else f'{r.tp_ratio:.2f}'}{' ' + r.tp_note if r.tp_note else ''} |")
     return "\n".join(lines)
 
 
@@ -382,10 +521,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--image-size", type=int, default=224, help="CNN input side (vit_b_16 always uses 224)")
     ap.add_argument("--repeats", type=int, default=5, help="latency runs per model (median); 0 skips latency")
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1 on a shared machine)")
+    ap.add_argument("--torch-pruning", action="store_true", help="also prune each model with Torch-Pruning")
+    ap.add_argument("--hf-zoo", action="store_true", help="run the Hugging Face tiny-config zoo (and --only models)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    names = [n for n in CASES if not args.only or n in args.only]
+    names = [n for n in CASES if (not args.only and not args.hf_zoo) or n in (args.only or ())
+             or (args.hf_zoo and n in HF_ZOO)]
     results, notes, failures = [], {}, []
     t_all = time.perf_counter()
     for name in names:
@@ -393,7 +535,7 @@ def main(argv: list[str] | None = None) -> None:
         notes[name] = case.note
         t0 = time.perf_counter()
         try:
-            res = run_case(case, repeats=args.repeats)
+            res = run_case(case, repeats=args.repeats, torch_pruning=args.torch_pruning)
         except Exception as e:  # noqa: BLE001 -- one failure is a row, not a crash
             first = str(e).splitlines()[0][:120].replace("|", "\\|") if str(e) else ""
             res = Result(name, error=f"{type(e).__name__}: {first}",

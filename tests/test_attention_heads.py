@@ -218,21 +218,6 @@ def test_hugging_face_vit_heads_with_inner_output_projection():
     assert sum(p.numel() for p in shrunk.parameters()) < 0.7 * sum(p.numel() for p in model.parameters())
 
 
-def test_torchvision_vit_reports_multihead_attention_and_prunes_the_mlp():
-    tv = pytest.importorskip("torchvision")
-    torch.manual_seed(0)
-    model = tv.models.VisionTransformer(image_size=32, patch_size=16, num_layers=2, num_heads=4, hidden_dim=64,
-                                        mlp_dim=128)
-    prepared, shrunk = prune(model, 0.5)
-    report = channel_report(prepared)["p"]
-    reasons = [r for _, _, _, rs in report.excluded for r in rs]
-    assert any("nn.MultiheadAttention" in r and "heads cannot be removed" in r for r in reasons)
-    assert shrunk.encoder.layers[0].mlp[0].out_features == 64
-    x = torch.randn(2, 3, 32, 32)
-    with torch.no_grad():
-        torch.testing.assert_close(shrunk(x), prepared(x), atol=1e-5, rtol=1e-4)
-
-
 class KeywordBlock(nn.Module):
     """Calls its attention with the input as a keyword (CLIP, Whisper: ``self_attn(hidden_states=h)``)."""
 

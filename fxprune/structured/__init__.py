@@ -6,7 +6,10 @@
   (connected components by a vectorized union-find);
 * :mod:`~fxprune.structured.record` -- a graph of the example run, for roots fx cannot trace whole;
 * :mod:`~fxprune.structured.attention` -- multi-head attention modules recognised and proven, so that
-  whole heads are channels;
+  whole heads are channels; :mod:`~fxprune.structured.head_layout` -- where each head lives in separate
+  or fused projections, and how one is cut;
+* :mod:`~fxprune.structured.multihead` -- ``nn.MultiheadAttention`` with heads removed
+  (:class:`PrunedMultiheadAttention`, what ``convert(physical=True)`` puts in its place);
 * :mod:`~fxprune.structured.norms` -- LayerNorm/RMSNorm/GroupNorm recognised by behaviour, computed over
   the kept channels in the prepared model so that normalized residual streams are prunable;
 * :mod:`~fxprune.structured.analysis` -- the plan of a prepared model: which pruner prunes which group,
@@ -27,6 +30,7 @@ from fxprune.structured.analysis import (
 )
 from fxprune.structured.dependency import ChannelGraph, ChannelGroup, Slice, build_channel_graph
 from fxprune.structured.importance import channel_masks, group_importance, select_channels
+from fxprune.structured.multihead import PrunedMultiheadAttention
 from fxprune.structured.shrink import removed_channels, shrink
 
 __all__ = [
@@ -35,6 +39,7 @@ __all__ = [
     "ChannelReports",
     "ChannelGraph",
     "ChannelGroup",
+    "PrunedMultiheadAttention",
     "Slice",
     "attach_channel_plan",
     "build_channel_graph",

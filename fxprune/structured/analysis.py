@@ -22,6 +22,7 @@ from fxprune.structured.record import record_graph
 from fxprune.structured.reasons import plain_reason
 from fxprune.structured.dependency import (
     OUT_BLOCK,
+    TRACED_TORCH_LAYERS,
     AttentionMemo,
     ChannelGraph,
     ChannelGroup,
@@ -355,11 +356,12 @@ def _root_graph(prepared: fx.GraphModule, attention: AttentionMemo, leaves: list
 
     ``prepare`` traces through every module that owns pruned weights, so its
     graph has no attention module boundaries left, and a head is only a
-    reshape there. The alternative trace keeps the same fallback leaves (they
+    reshape there (and ``nn.TransformerEncoderLayer`` stays a leaf, hiding
+    its attention). The alternative trace keeps the same fallback leaves (they
     are analysed on their own); if it fails, heads are simply not pruned.
     """
     root = prepared._fxprune_original.module
-    if any(attention(m) is not None for m in root.modules()):
+    if any(attention(m) is not None or isinstance(m, TRACED_TORCH_LAYERS) for m in root.modules()):
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
@@ -373,6 +375,12 @@ def _trace_down(prepared: nn.Module, name: str, attention: AttentionMemo, untrac
     """Trace a module for the analysis; if it cannot be traced, its children one by one."""
     module = prepared.get_submodule(name) if name else prepared._fxprune_original.module
     error = ""
+    if name and attention(module) is not None:  # a proven attention module: analysed whole, as a leaf
+        parent, _, child = name.rpartition(".")
+        g = fx.Graph()
+        g.output(g.call_module(child, (g.placeholder("x"),)))
+        yield g, (parent + "." if parent else "")
+        return
     if name:
         for first_input_only in (False, True):
             try:

@@ -5,78 +5,72 @@ projection's features into ``(heads, head_dim)`` with a reshape, and a
 reshape blocks channels. So attention modules are recognised by what they
 hold -- ``nn.Linear`` query/key/value projections (``query``/``key``/``value``,
 ``q_proj``/``k_proj``/``v_proj``, ``q_lin``/``k_lin``/``v_lin``) of the same
-width, an optional output projection inside the module (``o_proj``,
-``out_proj``, ``out_lin``, ``dense``), and a head size or head count
+width, or one *fused* projection (``c_attn``, ``qkv_proj``,
+``query_key_value``, ``qkv``; ``nn.Linear`` or Hugging Face ``Conv1D``), an
+optional output projection inside the module (``o_proj``, ``out_proj``,
+``out_lin``, ``dense``, ``c_proj``), and a head size or head count
 attribute -- and then *proven*: a copy with one head cut out (its
-query/key/value rows and output-projection columns, and the head-count
-attributes the forward reads updated) must give the original's output,
-without that head's columns where the output projection is outside. A module
-that looks like attention but fails the proof is traced like any other code,
-so its channels are followed or blocked as usual; nothing is guessed.
+query/key/value rows and output-projection columns, its column of any
+per-head table, and the head-count attributes the forward reads updated)
+must give the original's output, without that head's columns where the
+output projection is outside. A fused projection's width usually fits more
+than one order of head blocks (:mod:`fxprune.structured.head_layout`): each
+is tried, and only one that proves exact is used. A module that looks like
+attention but fails the proof is traced like any other code, so its
+channels are followed or blocked as usual; nothing is guessed.
 
 Where the module is a leaf of the analysis, a head is one *channel*: its
-rows of the three projections (``out_block`` slices) and its columns of the
-output projection (``in_block``). The output projection is the module's own
-or, as in Hugging Face BERT, the next linear layer its output reaches.
+rows of the projections (``out_block`` slices; columns of a ``Conv1D``) and
+its columns of the output projection (``in_block``). The output projection
+is the module's own or, as in Hugging Face BERT, the next linear layer its
+output reaches.
 
-``nn.MultiheadAttention`` cannot lose heads: its forward requires
-``num_heads * head_dim == embed_dim``, so fewer heads would mean a narrower
-residual stream. The analysis reports it instead.
+A forward that reads the head count from the model's shared config (Phi3:
+``self.config.num_attention_heads``) is proven with that attribute updated
+too; at ``convert`` every layer sharing the config must then keep the same
+number of heads. ``nn.MultiheadAttention`` is handled by the analysis
+directly (:mod:`fxprune.structured.multihead`).
 """
 from __future__ import annotations
 
 import copy
 import inspect
-from dataclasses import dataclass
+from dataclasses import replace
 from typing import Callable
 
 import torch
 from torch import nn
 
+from fxprune.structured.head_layout import AttentionSpec, cut_channel, get_dotted, is_conv1d, set_head_attributes
 from fxprune.trace import leaving_no_trace
 
 __all__ = ["AttentionSpec", "attention_spec", "is_candidate", "record_attention_calls", "refusal",
            "set_head_attributes"]
 
 _PROJECTIONS = (("query", "key", "value"), ("q_proj", "k_proj", "v_proj"), ("q_lin", "k_lin", "v_lin"))
-_OUTPUTS = ("o_proj", "out_proj", "out_lin", "dense")
+_FUSED = ("c_attn", "qkv_proj", "query_key_value", "qkv")
+_OUTPUTS = ("o_proj", "out_proj", "out_lin", "dense", "c_proj")
 _HEAD_DIM_ATTRS = ("attention_head_size", "head_dim", "dim_per_head", "head_size")
 _HEAD_COUNT_ATTRS = ("num_attention_heads", "num_heads", "n_heads", "n_head")
 _KV_HEAD_COUNT_ATTRS = ("num_key_value_heads", "num_kv_heads", "n_kv_heads")
-_WIDTH_ATTRS = ("all_head_size", "inner_dim")
-
-
-@dataclass(frozen=True)
-class AttentionSpec:
-    """How one attention module holds its heads (child names relative to the module)."""
-
-    q: str
-    k: str
-    v: str
-    out: str | None  # output projection inside the module, or None: the next linear layer outside
-    heads: int
-    head_dim: int
-    hidden: int  # input features
-    returns_tuple: bool  # forward returns (output, ...) rather than a tensor
-    head_count_attrs: tuple[str, ...]
-    width_attrs: tuple[str, ...]
-    group: int = 1  # query heads per key/value head (grouped-query attention); a channel is one such group
-    kv_count_attrs: tuple[str, ...] = ()
-    # Proven separately from the heads (see _reads_and_returns): whether the module's input reaches its
-    # output only through q/k/v, and whether its output is the output projection's and nothing else.
-    # ALBERT's attention returns LayerNorm(input + dense(context)): heads exact, input and output not free.
-    input_only_qkv: bool = True
-    output_is_projection: bool = True
-
-    @property
-    def channels(self) -> int:
-        """Prunable units: heads, or key/value groups (one k/v head and its ``group`` query heads)."""
-        return self.heads // self.group
+_WIDTH_ATTRS = ("all_head_size", "inner_dim", "split_size")
+_CONFIG_HEAD_COUNT = "config.num_attention_heads"  # read by some forwards (Phi3); shared by every layer
 
 
 def _linear(module: nn.Module, name: str) -> nn.Linear | None:
     child = module._modules.get(name)
     return child if isinstance(child, nn.Linear) and type(child).forward is nn.Linear.forward else None
+
+
+def _features(layer: nn.Module) -> tuple[int, int] | None:
+    """(in, out) features of a linear-like layer: ``nn.Linear`` (or a subclass) or a Hugging Face ``Conv1D``."""
+    w = getattr(layer, "weight", None)
+    w = getattr(w, "param", w)  # a prepared model's MaskedParameter holds it
+    if not isinstance(w, torch.Tensor) or w.dim() != 2:
+        return None
+    if is_conv1d(layer):
+        return int(w.shape[0]), int(w.shape[1])
+    return (int(w.shape[1]), int(w.shape[0])) if isinstance(layer, nn.Linear) else None
 
 
 def _projections(module: nn.Module) -> tuple[tuple[str, str, str], nn.Linear, nn.Linear, nn.Linear] | None:
@@ -97,15 +91,55 @@ def _grouped(q: nn.Linear, k: nn.Linear, v: nn.Linear) -> bool:
             and not q.out_features % kv_width)
 
 
-def _candidate(module: nn.Module) -> AttentionSpec | None:
-    """The spec that ``module``'s attributes suggest (unproven), or None."""
+def _int_attr(module: nn.Module, names: tuple[str, ...]) -> int | None:
+    return next((getattr(module, a) for a in names if isinstance(getattr(module, a, None), int)
+                 and getattr(module, a) > 0), None)
+
+
+def _output(module: nn.Module, width: int, any_linear: bool) -> tuple[str | None, tuple[str, ...]]:
+    """The output projection child reading ``width`` context features, and whether it is transposed."""
+    for o in _OUTPUTS:
+        child = module._modules.get(o)
+        if child is None or (not any_linear and _linear(module, o) is None and not is_conv1d(child)):
+            continue
+        f = _features(child)
+        if f is not None and f[0] == width:
+            return o, ((o,) if is_conv1d(child) else ())
+    return None, ()
+
+
+def _tables(module: nn.Module, heads: int) -> tuple[str, ...]:
+    """The module's own parameters with one entry per head on the last dim (relative position bias tables)."""
+    def own(m: nn.Module, prefix: str) -> list[tuple[str, torch.Tensor]]:
+        found = [(prefix + n, p) for n, p in m._parameters.items() if p is not None]
+        return found + [(prefix + n, c.param) for n, c in m._modules.items()
+                        if isinstance(getattr(c, "param", None), torch.Tensor)]  # a prepared model's masked ones
+
+    tables = own(module, "")
+    for n, child in module._modules.items():  # one level down: Swin's relative_position_bias module
+        if child is not None and _features(child) is None and not isinstance(getattr(child, "param", None),
+                                                                               torch.Tensor):
+            tables += own(child, n + ".")
+    return tuple(n for n, p in tables if p.dim() >= 2 and p.shape[-1] == heads)
+
+
+def _candidates(module: nn.Module) -> list[AttentionSpec]:
+    """The specs that ``module``'s attributes suggest (unproven), most likely first."""
+    if isinstance(module, nn.MultiheadAttention):
+        return []
     found = _projections(module)
-    if found is None or not _grouped(*found[1:]):
+    if found is not None:
+        spec = _separate(module, found)
+        return [spec] if spec is not None else []
+    return _fused(module)
+
+
+def _separate(module: nn.Module, found) -> AttentionSpec | None:
+    if not _grouped(*found[1:]):
         return None
     names, q, k, _ = found
     width, hidden, kv_width = q.out_features, q.in_features, k.out_features
-    head_dim = next((getattr(module, a) for a in _HEAD_DIM_ATTRS
-                     if isinstance(getattr(module, a, None), int) and getattr(module, a) > 0), None)
+    head_dim = _int_attr(module, _HEAD_DIM_ATTRS)
     count_attrs = tuple(a for a in _HEAD_COUNT_ATTRS if isinstance(getattr(module, a, None), int))
     if head_dim is None and count_attrs:
         heads = getattr(module, count_attrs[0])
@@ -118,25 +152,49 @@ def _candidate(module: nn.Module) -> AttentionSpec | None:
     count_attrs = tuple(a for a in count_attrs if getattr(module, a) == heads)
     kv_attrs = tuple(a for a in _KV_HEAD_COUNT_ATTRS if getattr(module, a, None) == kv_heads)
     width_attrs = tuple(a for a in _WIDTH_ATTRS if getattr(module, a, None) == width)
-    out = next((o for o in _OUTPUTS if _linear(module, o) is not None and _linear(module, o).in_features == width),
-               None)
+    out, transposed = _output(module, width, any_linear=False)
     return AttentionSpec(names[0], names[1], names[2], out, heads, head_dim, hidden, False, count_attrs,
-                         width_attrs, heads // kv_heads, kv_attrs)
+                         width_attrs, heads // kv_heads, kv_attrs, transposed=transposed,
+                         tables=_tables(module, heads))
 
 
-def set_head_attributes(module: nn.Module, spec: AttentionSpec) -> None:
-    """After cutting heads out of the weights, make the head counts the forward reads agree.
-
-    (The projections' own ``in_features``/``out_features`` are the cutter's business.)
-    """
-    q = module.get_submodule(spec.q)
-    heads = q.weight.shape[0] // spec.head_dim
-    for a in spec.head_count_attrs:
-        setattr(module, a, heads)
-    for a in spec.kv_count_attrs:
-        setattr(module, a, module.get_submodule(spec.k).weight.shape[0] // spec.head_dim)
-    for a in spec.width_attrs:
-        setattr(module, a, heads * spec.head_dim)
+def _fused(module: nn.Module) -> list[AttentionSpec]:
+    """One projection for q, k and v: every layout its width allows (the proof picks the true one)."""
+    name = next((n for n in _FUSED if module._modules.get(n) is not None
+                 and _features(module._modules[n]) is not None), None)
+    heads = _int_attr(module, _HEAD_COUNT_ATTRS)
+    if heads is None and isinstance(get_dotted(module, _CONFIG_HEAD_COUNT), int):
+        heads = get_dotted(module, _CONFIG_HEAD_COUNT)  # Phi3 keeps it in the config only
+    head_dim = _int_attr(module, _HEAD_DIM_ATTRS)
+    if name is None or not heads:
+        return []
+    layer = module._modules[name]
+    hidden, width = _features(layer)
+    if head_dim is None or width % head_dim:
+        return []
+    blocks = width // head_dim
+    kv = (blocks - heads) // 2
+    if kv < 1 or heads + 2 * kv != blocks or heads % kv:
+        return []
+    transposed = (name,) if is_conv1d(layer) else ()
+    out, out_t = _output(module, heads * head_dim, any_linear=True)
+    if out is None:
+        return []
+    count_attrs = tuple(a for a in _HEAD_COUNT_ATTRS if getattr(module, a, None) == heads)
+    kv_attrs = tuple(a for a in _KV_HEAD_COUNT_ATTRS if getattr(module, a, None) == kv)
+    width_attrs = tuple(a for a in _WIDTH_ATTRS if getattr(module, a, None) == heads * head_dim)
+    layouts = ["shared_kv"] if kv == 1 else ["qkv", "interleaved"]
+    specs = []
+    for config_too in (False, True):  # a shared config's head count only where the forward needs it
+        if config_too and get_dotted(module, _CONFIG_HEAD_COUNT) != heads:
+            continue
+        extra = (_CONFIG_HEAD_COUNT,) if config_too else ()
+        for layout in layouts:
+            group = 1 if layout == "shared_kv" else heads // kv
+            specs.append(AttentionSpec(name, name, name, out, heads, head_dim, hidden, False, count_attrs + extra,
+                                       width_attrs, group, kv_attrs, layout=layout, transposed=transposed + out_t,
+                                       tables=_tables(module, heads)))
+    return [s for s in specs if s.channels >= 2]
 
 
 def _plain_copy(module: nn.Module) -> nn.Module:
@@ -156,30 +214,6 @@ def _plain_copy(module: nn.Module) -> nn.Module:
     return c.eval()
 
 
-def _kept(n_blocks: int, block: int, cut: int) -> torch.Tensor:
-    keep = torch.ones(n_blocks * block, dtype=torch.bool)
-    keep[cut * block:(cut + 1) * block] = False
-    return keep.nonzero().reshape(-1)
-
-
-def _cut_head(module: nn.Module, spec: AttentionSpec, channel: int) -> None:
-    """Cut one channel (a head, or a key/value group with its query heads) out of the projections."""
-    d, g, n = spec.head_dim, spec.group, spec.channels
-    q_rows, kv_rows = _kept(n, g * d, channel), _kept(n, d, channel)
-    with torch.no_grad():
-        for name, rows in ((spec.q, q_rows), (spec.k, kv_rows), (spec.v, kv_rows)):
-            lin = module.get_submodule(name)
-            lin.weight = nn.Parameter(lin.weight.index_select(0, rows), requires_grad=False)
-            if lin.bias is not None:
-                lin.bias = nn.Parameter(lin.bias.index_select(0, rows), requires_grad=False)
-            lin.out_features = len(rows)
-        if spec.out is not None:
-            lin = module.get_submodule(spec.out)
-            lin.weight = nn.Parameter(lin.weight.index_select(1, q_rows), requires_grad=False)
-            lin.in_features = len(q_rows)
-    set_head_attributes(module, spec)
-
-
 def _first(out: object) -> torch.Tensor | None:
     if isinstance(out, (tuple, list)) and out:
         out = out[0]
@@ -190,12 +224,20 @@ def refusal(module: nn.Module) -> str | None:
     """Why a module that holds query/key/value projections gets no heads pruned (None if it does not hold them)."""
     found = _projections(module)
     if found is None:
-        return None
+        fused = next((n for n in _FUSED if module._modules.get(n) is not None), None)
+        if fused is None or isinstance(module, nn.MultiheadAttention):
+            return None
+        if not _candidates(module):
+            return (f"attention with a fused projection {fused} whose width fxprune cannot split into heads "
+                    "(no head count / head size attribute, or fewer than two prunable heads)")
+        return (f"attention with a fused projection {fused}: no layout (q|k|v, per-group interleaved, multi-query) "
+                "gave the same output with one head cut out (it may need arguments the proof could not supply: "
+                "pass example_inputs, or read the head count where fxprune does not update it)")
     names, q, k, v = found
     if not _grouped(q, k, v):
         return (f"attention whose key/value width ({names[1]}/{names[2]}: {k.out_features}, "
                 f"{v.out_features}) does not divide the query width ({q.out_features}) into groups")
-    if _candidate(module) is None:
+    if not _candidates(module):
         return "attention without a head size or head count attribute fxprune knows"
     return ("attention whose forward did not give the same output with one head cut out (it may read the "
             "head count as a constant, or need arguments the proof could not supply: pass example_inputs)")
@@ -203,7 +245,7 @@ def refusal(module: nn.Module) -> str | None:
 
 def is_candidate(module: nn.Module) -> bool:
     """Does ``module`` look like multi-head attention (before any proof)?"""
-    return _candidate(module) is not None
+    return bool(_candidates(module))
 
 
 def attention_spec(module: nn.Module, call: tuple[tuple, dict] | None = None) -> AttentionSpec | None:
@@ -212,11 +254,20 @@ def attention_spec(module: nn.Module, call: tuple[tuple, dict] | None = None) ->
     The proof calls the module with a random input alone, or -- when
     ``prepare`` got ``example_inputs`` -- exactly as the example run called it
     (``call``: its recorded arguments), which is what forwards that need more
-    than their input (Llama's ``position_embeddings``) require.
+    than their input (Llama's ``position_embeddings``) require. Each
+    candidate layout is tried in turn (a fused projection's width often fits
+    more than one); the first that proves exact is the module's.
     """
-    spec = _candidate(module)
-    if spec is None:
-        return None
+    for spec in _candidates(module):
+        for variant in (spec, replace(spec, tables=())) if spec.tables else (spec,):
+            proven = _prove(module, variant, call)
+            if proven is not None:
+                return proven
+    return None
+
+
+def _prove(module: nn.Module, spec: AttentionSpec, call: tuple[tuple, dict] | None) -> AttentionSpec | None:
+    """``spec`` with what the proof learnt, if cutting its last channel gives the masked model's output."""
     try:
         base = _plain_copy(module)
         ref = base.get_submodule(spec.q).weight
@@ -234,12 +285,14 @@ def attention_spec(module: nn.Module, call: tuple[tuple, dict] | None = None) ->
             last = spec.channels - 1
             w = spec.group * spec.head_dim  # context columns per channel
             if spec.out is not None:  # the masked model: the channel's output-projection columns are zero
-                base.get_submodule(spec.out).weight[:, last * w:(last + 1) * w] = 0
+                out_w = base.get_submodule(spec.out).weight
+                (out_w[last * w:(last + 1) * w] if spec.out in spec.transposed
+                 else out_w[:, last * w:(last + 1) * w]).zero_()
                 expected = _first(run(base))
             else:
                 expected = None if full is None else full[..., : last * w]
             cut = _plain_copy(module)
-            _cut_head(cut, spec, last)
+            cut_channel(cut, spec, last)
             got = _first(run(cut))
     except Exception:  # noqa: BLE001 - any failure means: not provably head-prunable
         return None
@@ -250,9 +303,8 @@ def attention_spec(module: nn.Module, call: tuple[tuple, dict] | None = None) ->
     if not _close(got, expected):
         return None
     input_only, output_fresh = _reads_and_returns(module, spec, call, full)
-    return AttentionSpec(spec.q, spec.k, spec.v, spec.out, spec.heads, spec.head_dim, spec.hidden,
-                         isinstance(raw, (tuple, list)), spec.head_count_attrs, spec.width_attrs, spec.group,
-                         spec.kv_count_attrs, input_only, output_fresh)
+    return replace(spec, returns_tuple=isinstance(raw, (tuple, list)), input_only_qkv=input_only,
+                   output_is_projection=output_fresh)
 
 
 def _close(got: torch.Tensor, expected: torch.Tensor) -> bool:
@@ -290,7 +342,7 @@ def _reads_and_returns(module: nn.Module, spec: AttentionSpec, call: tuple[tuple
         return False, spec.out is None
     probe = _plain_copy(module)
     seen: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    names = (spec.q, spec.k, spec.v) + ((spec.out,) if spec.out is not None else ())
+    names = spec.projections() + ((spec.out,) if spec.out is not None else ())
 
     def record(name: str):
         def hook(_m: nn.Module, a: tuple, out: torch.Tensor) -> None:
@@ -308,13 +360,13 @@ def _reads_and_returns(module: nn.Module, spec: AttentionSpec, call: tuple[tuple
             for h in handles:
                 h.remove()
             fed_x = all(n in seen and seen[n][0].shape == x.shape and torch.equal(seen[n][0], x)
-                        for n in (spec.q, spec.k, spec.v))
+                        for n in spec.projections())
             output_fresh = spec.out is None or (spec.out in seen and _close(full, seen[spec.out][1]))
             input_only = False
             if fed_x:
                 other = torch.randn(x.shape, generator=torch.Generator().manual_seed(1)).to(x) * (
                     1.0 + float(x.abs().max()))
-                handles = [probe.get_submodule(n).register_forward_pre_hook(pin(n)) for n in (spec.q, spec.k, spec.v)]
+                handles = [probe.get_submodule(n).register_forward_pre_hook(pin(n)) for n in spec.projections()]
                 args, kwargs = copy.deepcopy(replace(other))
                 moved = _first(probe(*args, **kwargs))
                 for h in handles:

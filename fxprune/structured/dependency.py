@@ -44,9 +44,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from fxprune.structured.attention import AttentionSpec, attention_spec
+from fxprune.structured.head_layout import is_conv1d, projection_rows
 from fxprune.structured.norms import NormMemo, NormSpec
 
-__all__ = ["Slice", "ChannelGroup", "ChannelGraph", "build_channel_graph", "trace_for_channels"]
+__all__ = ["Slice", "ChannelGroup", "ChannelGraph", "TRACED_TORCH_LAYERS", "build_channel_graph", "trace_for_channels"]
 
 # Slice kinds: how a group's channels index a tensor.
 OUT = "out"  # positions along ``dim`` (rows of a producer, BN entries, layer scale)
@@ -154,6 +155,10 @@ class ChannelGraph:
 
 
 # --------------------------------------------------------------------- tracing
+#: torch.nn layers the analysis traces into (fx keeps torch.nn modules whole by default).
+TRACED_TORCH_LAYERS = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
+
+
 class _ChannelTracer(fx.Tracer):
     """Plain fx tracing with torch.nn layers as leaves; remembers the innermost module whose forward raised."""
 
@@ -166,10 +171,17 @@ class _ChannelTracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         from fxprune.masked import MaskedParameter  # noqa: PLC0415 - avoid an import cycle
 
+        if isinstance(m, TRACED_TORCH_LAYERS) and qualname not in self.leaves:
+            return False  # plain Python around an nn.MultiheadAttention and Linear/LayerNorm layers
         return (qualname in self.leaves or isinstance(m, MaskedParameter) or super().is_leaf_module(m, qualname)
-                or self.attention(m) is not None or self.attention.norms(m) is not None)
+                or is_conv1d(m) or _acts_as_linear(m) or self.attention(m) is not None
+                or self.attention.norms(m) is not None)
 
     def call_module(self, m: nn.Module, forward: Any, args: tuple, kwargs: dict) -> Any:
+        if isinstance(m, TRACED_TORCH_LAYERS) and self.path_of_module(m) not in self.leaves:
+            from fxprune.structured.multihead import layer_slow_path  # noqa: PLC0415
+
+            forward = layer_slow_path(m)
         try:
             return super().call_module(m, forward, args, kwargs)
         except Exception:
@@ -204,6 +216,7 @@ def _trace_with_leaves(module: nn.Module, attention: AttentionMemo, leaves: set[
     """
     for m in module.modules():
         attention(m)
+        _acts_as_linear(m)  # its check runs the layer: not while fx intercepts module calls
     leaves = set(leaves or ())
     while True:
         tracer = _ChannelTracer(leaves, attention)
@@ -455,9 +468,7 @@ class _Analysis:
                 raise _Unsupported(f"attention {name} attends over a second tracked input (cross-attention)")
             return self.attention_heads(x, spec, name)
         if isinstance(m, nn.MultiheadAttention):
-            raise _Unsupported(
-                f"nn.MultiheadAttention {name}: its heads cannot be removed (its forward requires num_heads x "
-                "head_dim == embed_dim) and it reads its input and output channels itself")
+            return self.multihead_heads(node, m, name, env)
         if isinstance(m, self.elementwise_modules):
             return x if isinstance(x, (_Chan, _Opaque)) else None
         if isinstance(m, nn.Flatten):
@@ -467,8 +478,10 @@ class _Analysis:
         ) and m.padding_mode == "zeros":
             return self.conv(x, name + ".weight", name + ".bias" if m.bias is not None else None, m.groups,
                              len(m.kernel_size), f"module {name}")
-        if isinstance(m, nn.Linear) and type(m).forward is nn.Linear.forward:
+        if _acts_as_linear(m):
             return self.linear(x, name + ".weight", name + ".bias" if m.bias is not None else None, f"module {name}")
+        if is_conv1d(m):
+            return self.conv1d(x, name)
         if type(m) in _BN_DIMS or isinstance(m, nn.BatchNorm1d):
             if not isinstance(x, _Chan):
                 return None
@@ -523,6 +536,10 @@ class _Analysis:
             return self.binary(args[0], args[1] if len(args) > 1 else kwargs.get("other"), where)
         if fn in (torch.flatten,):
             return self.flatten(args[0], _arg(args, kwargs, 1, "start_dim", 0), _arg(args, kwargs, 2, "end_dim", -1))
+        if fn in (torch.pow, operator.pow) and len(args) > 1 and isinstance(args[1], (int, float)):
+            return self.unary(args[:1], where)  # x ** 3 of a GELU approximation: elementwise
+        if fn is torch.chunk:
+            return self.chunk(args[0], _arg(args, kwargs, 1, "chunks", None), _arg(args, kwargs, 2, "dim", 0), where)
         if fn in (torch.cat, torch.concat):
             return self.cat(list(args[0]), _arg(args, kwargs, 1, "dim", 0), where)
         if fn is torch.permute:
@@ -572,6 +589,10 @@ class _Analysis:
             return self.reduce(x, _arg(args, kwargs, 1, "dim", None), _arg(args, kwargs, 2, "keepdim", False), where)
         if name == "dim":
             return None  # the number of dims does not change when channels are removed
+        if name == "pow" and len(args) > 1 and isinstance(args[1], (int, float)):
+            return x if isinstance(x, (_Chan, _Opaque)) else None
+        if name == "chunk":
+            return self.chunk(x, _arg(args, kwargs, 1, "chunks", None), _arg(args, kwargs, 2, "dim", 0), where)
         if name == "size":
             d = _arg(args, kwargs, 1, "dim", None)
             if not isinstance(x, _Chan):
@@ -593,43 +614,107 @@ class _Analysis:
     def attention_heads(self, x: Any, spec: AttentionSpec, name: str) -> Any:
         """A proven attention module: its heads are new channels (see :mod:`fxprune.structured.attention`).
 
-        The query/key/value columns read ``x``'s channels; each head owns a
-        block of ``head_dim`` rows of the three projections and biases, and
-        a block of columns of the output projection -- the module's own, or
-        whichever linear layer reads the returned context (a flattened
-        activation whose channel ``h`` covers ``head_dim`` positions).
+        The projections' input columns read ``x``'s channels; each channel
+        owns the blocks of ``head_dim`` output features that
+        :func:`~fxprune.structured.head_layout.projection_rows` lists (rows,
+        or columns of a transposed ``Conv1D``) and their bias entries, its
+        columns of every per-head table, and a block of columns of the output
+        projection -- the module's own, or whichever linear layer reads the
+        returned context (a flattened activation whose channel ``h`` covers
+        ``head_dim`` positions).
         """
         where = f"attention {name}"
-        for proj in (spec.q, spec.k, spec.v) + ((spec.out,) if spec.out is not None else ()):
+        for proj in spec.projections() + ((spec.out,) if spec.out is not None else ()):
             self.weight(f"{name}.{proj}.weight", where)  # all present before any slice is recorded
         in_atoms, chan = self.input_atoms(x, -1, spec.hidden, where)
         if not spec.input_only_qkv:  # e.g. a residual (LayerNorm(x + ...)) inside the module
             self.block(in_atoms, f"{where} also reads its input outside its query/key/value projections "
                                  "(a residual or norm inside the module), which the analysis does not follow")
         heads = self.new_atoms(spec.channels)  # heads, or key/value groups of grouped-query attention
-        for proj, block in ((spec.q, spec.group * spec.head_dim), (spec.k, spec.head_dim), (spec.v, spec.head_dim)):
-            w = f"{name}.{proj}.weight"
-            self.add_slice(w, 1, IN, in_atoms, is_weight=True)
-            self.add_slice(w, 0, OUT_BLOCK, heads, is_weight=True, block=block)
+        for proj, chans, pos in projection_rows(spec):
+            w, flip = f"{name}.{proj}.weight", proj in spec.transposed
+            self.add_slice(w, 0 if flip else 1, OUT if flip else IN, in_atoms, is_weight=True)
+            self.add_slice(w, 1 if flip else 0, IN_BLOCK if flip else OUT_BLOCK, heads[chans], pos, is_weight=True,
+                           block=spec.head_dim)
             if self.tensor_of(f"{name}.{proj}.bias") is not None:
-                self.add_slice(f"{name}.{proj}.bias", 0, OUT_BLOCK, heads, block=block)
-            self.layer_attrs[f"{name}.{proj}"] = "linear"
+                self.add_slice(f"{name}.{proj}.bias", 0, OUT_BLOCK, heads[chans], pos, block=spec.head_dim)
+            self.layer_attrs[f"{name}.{proj}"] = "conv1d" if flip else "linear"
+        per_query = heads[torch.repeat_interleave(torch.arange(spec.channels), spec.group)]
+        for table in spec.tables:
+            t = self.weight(f"{name}.{table}", where)
+            self.add_slice(f"{name}.{table}", t.dim() - 1, OUT, per_query)
         self.attention[name] = spec
         ndim = chan.ndim if chan is not None else None
         out: _Chan = _Chan(-1, heads, ndim, flat=True)
         if spec.out is not None:
-            w = f"{name}.{spec.out}.weight"
-            self.add_slice(w, 1, IN_BLOCK, heads, is_weight=True, block=spec.group * spec.head_dim)
-            out_atoms = self.new_atoms(self.tensor_of(w).shape[0])
+            w, flip = f"{name}.{spec.out}.weight", spec.out in spec.transposed
+            self.add_slice(w, 0 if flip else 1, OUT_BLOCK if flip else IN_BLOCK, heads, is_weight=True,
+                           block=spec.group * spec.head_dim)
+            out_atoms = self.new_atoms(self.tensor_of(w).shape[1 if flip else 0])
             if not spec.output_is_projection:  # ALBERT: returns LayerNorm(input + dense(context))
                 self.block(out_atoms, f"{where} returns more than its output projection {spec.out} "
                                       "(e.g. LayerNorm(input + projection) inside the module)")
-            self.add_slice(w, 0, OUT, out_atoms, is_weight=True)
+            self.add_slice(w, 1 if flip else 0, IN if flip else OUT, out_atoms, is_weight=True)
             if self.tensor_of(f"{name}.{spec.out}.bias") is not None:
                 self.add_slice(f"{name}.{spec.out}.bias", 0, OUT, out_atoms)
-            self.layer_attrs[f"{name}.{spec.out}"] = "linear"
+            self.layer_attrs[f"{name}.{spec.out}"] = "conv1d" if flip else "linear"
             out = _Chan(-1, out_atoms, ndim)
         return _Tuple((out, None)) if spec.returns_tuple else out
+
+    def multihead_heads(self, node: fx.Node, m: nn.MultiheadAttention, name: str, env: dict[fx.Node, Any]) -> Any:
+        """``nn.MultiheadAttention``: heads are channels (``convert`` swaps in
+        :class:`~fxprune.structured.multihead.PrunedMultiheadAttention`).
+
+        Each head owns its query, key and value rows of ``in_proj_weight`` /
+        ``in_proj_bias`` (blocks ``h``, ``H + h``, ``2H + h`` of ``head_dim``
+        rows), its entries of ``bias_k`` / ``bias_v``, and its block of
+        ``out_proj`` columns. The input columns are shared by query, key and
+        value, so they follow the query only when key and value are the same
+        activation (self-attention). The heads are blocked where the attention
+        weights are read: averaged over heads, they change when heads go.
+        """
+        where = f"nn.MultiheadAttention {name}"
+        if not m._qkv_same_embed_dim:
+            raise _Unsupported(f"{where}: separate key/value widths (kdim/vdim) are not supported")
+        names = ("query", "key", "value", "key_padding_mask", "need_weights", "attn_mask", "average_attn_weights")
+        call = dict(zip(names, node.args))
+        call.update(node.kwargs)
+        val = {k: env.get(v) if isinstance(v, fx.Node) else v for k, v in call.items()}
+        q, k, v = val.get("query"), val.get("key"), val.get("value")
+        for mask in ("key_padding_mask", "attn_mask"):
+            if _chans(val.get(mask)):
+                raise _Unsupported(f"{where}: its {mask} is a tracked activation")
+        w, wname = self.weight(f"{name}.in_proj_weight", where), f"{name}.in_proj_weight"
+        heads, d = m.num_heads, m.head_dim
+        in_atoms, chan = self.input_atoms(q, -1, w.shape[1], where)
+        same = call.get("key") is call.get("query") and call.get("value") is call.get("query")
+        if not same:  # cross-attention: key/value read the same columns from another activation
+            self.block(in_atoms, f"{where} reads key/value from another activation through the same "
+                                 "in_proj_weight columns as its query")
+            for t in (k, v):
+                if isinstance(t, _Chan) and t is not q:
+                    self.block(t.atoms, f"{where} reads key/value through the columns of its query")
+        atoms = self.new_atoms(heads)
+        three = torch.cat([atoms, atoms, atoms])  # q, k and v blocks of each head
+        self.add_slice(wname, 1, IN, in_atoms, is_weight=True)
+        self.add_slice(wname, 0, OUT_BLOCK, three, is_weight=True, block=d)
+        if m.in_proj_bias is not None:
+            self.add_slice(f"{name}.in_proj_bias", 0, OUT_BLOCK, three, block=d)
+        for extra in ("bias_k", "bias_v"):  # (1, 1, embed_dim)
+            if getattr(m, extra) is not None:
+                self.add_slice(f"{name}.{extra}", 2, OUT, torch.repeat_interleave(atoms, d), torch.arange(heads * d))
+        ow = f"{name}.out_proj.weight"
+        self.add_slice(ow, 1, IN_BLOCK, atoms, is_weight=True, block=d)
+        out_atoms = self.new_atoms(self.weight(ow, where).shape[0])
+        self.add_slice(ow, 0, OUT, out_atoms, is_weight=True)
+        if m.out_proj.bias is not None:
+            self.add_slice(f"{name}.out_proj.bias", 0, OUT, out_atoms)
+        self.layer_attrs[f"{name}.out_proj"] = "linear"
+        self.layer_attrs[name] = "multihead"
+        if val.get("need_weights", True) is not False and _weights_read(node):
+            self.block(atoms, f"{where}: its attention weights (need_weights=True) are read; averaged over heads, "
+                              "they change when heads are removed")
+        return _Tuple((_Chan(-1, out_atoms, chan.ndim if chan is not None else None), None))
 
     def input_atoms(self, x: Any, dim: int, size: int, where: str, flat_ok: bool = False) -> tuple[torch.Tensor, _Chan | None]:
         """The atoms a layer reads, or fresh blocked atoms if the input's layout is not tracked."""
@@ -695,6 +780,42 @@ class _Analysis:
             self.add_slice(bname, 0, OUT, out)
         self.layer_attrs[wname.rpartition(".")[0]] = "linear"
         return _Chan(-1, out, chan.ndim if chan is not None else None)
+
+    def conv1d(self, x: Any, name: str) -> _Chan:
+        """Hugging Face ``Conv1D``: a linear layer whose weight is ``(in, out)`` (rows read, columns write)."""
+        wname = name + ".weight"
+        c_in, c_out = self.weight(wname, f"module {name}").shape
+        in_atoms, chan = self.input_atoms(x, -1, c_in, f"module {name}")
+        self.add_slice(wname, 0, OUT, in_atoms, is_weight=True)
+        out = self.new_atoms(c_out)
+        self.add_slice(wname, 1, IN, out, is_weight=True)
+        if self.tensor_of(name + ".bias") is not None:
+            self.add_slice(name + ".bias", 0, OUT, out)
+        self.layer_attrs[name] = "conv1d"
+        return _Chan(-1, out, chan.ndim if chan is not None else None)
+
+    def chunk(self, x: Any, n: Any, dim: Any, where: str) -> Any:
+        """``x.chunk(n, dim)``: along the channels, n equal parts whose i-th channels go together.
+
+        A fused gate|up projection (Phi3) is split this way; after pruning
+        ``chunk`` must still cut at the same place, so every part keeps the
+        same channels (coupled position by position).
+        """
+        if not isinstance(x, _Chan):
+            return None
+        if not isinstance(n, int) or not isinstance(dim, int):
+            raise _Unsupported(f"{where}: chunk count or dim not known at trace time")
+        d = dim if dim < 0 else (dim - x.ndim if x.ndim is not None else None)
+        if d is None:
+            raise _Unsupported(f"{where}: cannot relate the chunk dim to the channel dim")
+        if d != x.dim:
+            return _Tuple(tuple(x for _ in range(n)))
+        if x.flat or n < 1 or len(x.atoms) % n:
+            raise _Unsupported(f"{where}: chunks of unequal size along the channel dim")
+        parts = x.atoms.reshape(n, -1)
+        for p in parts[1:]:
+            self.couple(parts[0], p)
+        return _Tuple(tuple(_Chan(x.dim, p.clone(), x.ndim) for p in parts))
 
     def layer_norm(self, x: Any, shape: tuple, wname: str | None, bname: str | None, where: str) -> Any:
         if not isinstance(x, _Chan):
@@ -910,6 +1031,46 @@ class _Unsupported(Exception):
 @dataclass
 class _Param:
     name: str
+
+
+_LINEAR_CLASSES: dict[type, bool] = {nn.Linear: True}  # class -> its forward computes F.linear (checked once)
+
+
+def _acts_as_linear(m: nn.Module) -> bool:
+    """``nn.Linear``, or a subclass whose own forward gives ``F.linear`` (Falcon's ``x @ W.T + b``).
+
+    Checked once per class on a fresh instance and a random input, with and
+    without bias: a subclass that does anything else (LoRA, quantization) is
+    traced through like any other code.
+    """
+    cls = type(m)
+    if not isinstance(m, nn.Linear):
+        return False
+    if cls.forward is nn.Linear.forward:
+        return True
+    if cls not in _LINEAR_CLASSES:
+        ok = True
+        try:
+            gen = torch.Generator().manual_seed(0)
+            for bias in (True, False):
+                probe = cls(5, 3, bias=bias)
+                x = torch.randn(2, 4, 5, generator=gen)
+                with torch.no_grad():
+                    ok = ok and torch.allclose(probe(x), F.linear(x, probe.weight, probe.bias), atol=1e-6)
+        except Exception:  # noqa: BLE001 - a constructor or forward that differs: not a plain linear layer
+            ok = False
+        _LINEAR_CLASSES[cls] = ok
+    return _LINEAR_CLASSES[cls]
+
+
+def _weights_read(node: fx.Node) -> bool:
+    """Does anything read more of an attention call's ``(output, weights)`` than ``output``?"""
+    for user in node.users:
+        index = user.args[1] if user.op == "call_function" and user.target is operator.getitem else None
+        if index == 0 or (index == 1 and not user.users):
+            continue
+        return True
+    return False
 
 
 def _first_parameter(m: nn.Module) -> str | None:

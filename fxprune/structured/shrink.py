@@ -8,7 +8,10 @@ and linear rows and columns, biases, BatchNorm weights, biases and running
 statistics, layer-scale entries, flatten blocks of a classifier's columns,
 and the per-conv-group columns of grouped convolutions. Module attributes
 that forwards read (``in_channels``, ``out_channels``, ``groups``,
-``in_features``, ``out_features``, ``num_features``) are updated to match.
+``in_features``, ``out_features``, ``num_features``, head counts) are updated
+to match; an ``nn.MultiheadAttention`` that lost heads is replaced by
+:class:`~fxprune.structured.multihead.PrunedMultiheadAttention`, which holds
+the same tensors (its forward does not tie the head size to the width).
 
 The shrunk model is still an instance of the user's class, but its shapes
 differ: it cannot load a ``state_dict`` of the original shapes (nor give one
@@ -28,8 +31,10 @@ from torch import nn
 from fxprune.errors import PruningError
 from fxprune.structured.analysis import ChannelPlan
 from fxprune.structured.attention import set_head_attributes
+from fxprune.structured.head_layout import is_conv1d
 from fxprune.structured.dependency import IN, IN_BLOCK, IN_GROUPED, OUT, OUT_BLOCK, Slice
 from fxprune.structured.norms import resize_norm
+from fxprune.structured.multihead import replace_multihead_attention
 
 __all__ = ["removed_channels", "shrink"]
 
@@ -49,7 +54,36 @@ def removed_channels(plan: ChannelPlan) -> dict[int, torch.Tensor]:
         if len(local):
             out[gid] = grp.id_tensor()[local]
             _check_shrinkable(plan, grp, out[gid])
+    _check_shared_head_counts(plan, out)
     return out
+
+
+def _check_shared_head_counts(plan: ChannelPlan, removed: dict[int, torch.Tensor]) -> None:
+    """Attention layers that read their head count from one shared config must all keep the same number."""
+    module_of = {}
+    for mod_name, spec in plan.channels.attention.items():
+        shared = [a for a in spec.head_count_attrs if "." in a]
+        if not shared:
+            continue
+        rows = f"{mod_name}.{spec.q}.weight"
+        cut = 0
+        for gid, chans in removed.items():
+            for sl in plan.channels.groups[gid].slices:
+                if sl.tensor == rows and sl.kind in (OUT_BLOCK, IN_BLOCK):
+                    cut = max(cut, int(torch.isin(sl.channels.unique(), chans).sum()))
+        for a in shared:
+            module_of.setdefault(a, {})[mod_name] = spec.heads - cut * spec.group
+    for attr, counts in module_of.items():
+        if len(set(counts.values())) > 1:
+            raise PruningError(
+                f"convert(physical=True): the attention layers read their head count from one shared {attr}, but the "
+                f"masks keep different numbers of heads in them ({_short_counts(counts)}); prune the same number of "
+                "heads in every layer (one goal per group, no global ranking across these layers)")
+
+
+def _short_counts(counts: dict[str, int]) -> str:
+    items = [f"{n}: {c}" for n, c in counts.items()]
+    return ", ".join(items[:4]) + (f", ... (+{len(items) - 4})" if len(items) > 4 else "")
 
 
 def _check_shrinkable(plan: ChannelPlan, grp, chans: torch.Tensor) -> None:
@@ -123,7 +157,26 @@ def shrink(model: nn.Module, plan: ChannelPlan, removed: dict[int, torch.Tensor]
     _update_attributes(model, plan)
     for name, (_, spec, chans, _) in plan.norms.items():  # norms without affine tensors have only attributes
         resize_norm(model.get_submodule(name), spec, int((~gone[chans]).sum()))
+    for name, kind in plan.channels.layer_attrs.items():
+        if kind == "multihead":
+            _replace_multihead(model, plan, name, gone)
     return changed
+
+
+def _replace_multihead(model: nn.Module, plan: ChannelPlan, name: str, gone: torch.Tensor) -> None:
+    """An ``nn.MultiheadAttention`` that lost heads or stream channels becomes a :class:`PrunedMultiheadAttention`.
+
+    (Its own forward requires ``embed_dim`` features in, out and per head group.)
+    """
+    m = model.get_submodule(name)
+    rows = next((s for g in plan.channels.groups for s in g.slices
+                 if s.tensor == f"{name}.in_proj_weight" and s.kind == OUT_BLOCK), None)
+    if rows is None or not isinstance(m, nn.MultiheadAttention):
+        return
+    heads = len(rows.channels) // 3  # the slice lists each head's query, key and value blocks
+    kept = [h for h in range(heads) if not bool(gone[rows.channels[h]])]
+    if len(kept) < heads or m.in_proj_weight.shape[1] != m.embed_dim or m.out_proj.weight.shape[0] != m.embed_dim:
+        replace_multihead_attention(model, name, kept, heads)
 
 
 def _drop_grouped_columns(w: torch.Tensor, groups: int, pos: torch.Tensor, name: str) -> torch.Tensor:
@@ -168,6 +221,8 @@ def _update_attributes(model: nn.Module, plan: ChannelPlan) -> None:
             m.out_features, m.in_features = m.weight.shape
         elif kind == "embedding" and isinstance(m, nn.Embedding):
             m.num_embeddings, m.embedding_dim = m.weight.shape
+        elif kind == "conv1d" and is_conv1d(m):  # Hugging Face Conv1D: weight (in, out), forward reads nf
+            m.nx, m.nf = m.weight.shape
         elif kind == "bn" and isinstance(m, nn.modules.batchnorm._NormBase):
             ref = m.weight if m.weight is not None else m.running_mean
             m.num_features = ref.shape[0]
