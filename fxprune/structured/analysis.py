@@ -20,7 +20,9 @@ from fxprune.structured.attention import record_attention_calls, refusal
 from fxprune.structured.norms import NormSpec, install_masked_norm
 from fxprune.structured.record import record_graph
 from fxprune.structured.reasons import plain_reason
+from fxprune.structured.head_layout import is_conv1d
 from fxprune.structured.dependency import (
+    _acts_as_linear,
     OUT_BLOCK,
     TRACED_TORCH_LAYERS,
     AttentionMemo,
@@ -346,8 +348,9 @@ def _leaf_rule(attention: AttentionMemo):
     tracer = fx.Tracer()
 
     def is_leaf(m: nn.Module, name: str) -> bool:
+        # Hugging Face Conv1D and Linear subclasses that compute F.linear are layers here, as in the fx tracer.
         return (isinstance(m, MaskedParameter) or attention(m) is not None or attention.norms(m) is not None
-                or tracer.is_leaf_module(m, name))
+                or is_conv1d(m) or _acts_as_linear(m) or tracer.is_leaf_module(m, name))
     return is_leaf
 
 
