@@ -111,10 +111,11 @@ def test_phi3_qkv_proj_groups_and_gate_up_units():
                                   num_attention_heads=4, num_key_value_heads=2, pad_token_id=0, bos_token_id=0,
                                   eos_token_id=0)
     prepared, shrunk = prune(transformers.Phi3ForCausalLM(cfg), 0.5, (torch.randint(0, 100, (2, 8)),))
-    assert shrunk.config.num_attention_heads == 2  # the forward reads it from the shared config
+    # The forward reads the head count from the shared config; the RMSNorm'd stream (hidden 32) is cut too.
+    assert (shrunk.config.num_attention_heads, shrunk.config.num_key_value_heads, shrunk.config.hidden_size) == (2, 1, 16)
     for layer in shrunk.model.layers:
-        assert layer.self_attn.qkv_proj.weight.shape == ((2 + 2) * 8, 32) and layer.self_attn.num_key_value_heads == 1
-        assert layer.mlp.gate_up_proj.weight.shape == (64, 32) and layer.mlp.down_proj.weight.shape == (32, 32)
+        assert layer.self_attn.qkv_proj.weight.shape == ((2 + 2) * 8, 16) and layer.self_attn.num_key_value_heads == 1
+        assert layer.mlp.gate_up_proj.weight.shape == (64, 16) and layer.mlp.down_proj.weight.shape == (16, 32)
     _causal_lm(prepared, shrunk, 100)
 
 
@@ -130,7 +131,10 @@ def test_falcon_query_key_value_layouts(variant):
     assert layouts == {"interleaved" if not variant.get("multi_query", True) or "num_kv_heads" in variant
                        else "shared_kv"}
     for layer in shrunk.transformer.h:
-        assert layer.self_attention.num_heads == 2 and layer.mlp.dense_h_to_4h.out_features == 64
+        assert layer.self_attention.num_heads == 2
+    # The root is recorded on the example: prepare has inlined FalconLinear's matmul into the traced MLP, so
+    # its units are reported as left dense, not guessed (a known gap of the recorded route; see the GPT-2 test).
+    assert "dense_h_to_4h.weight" in str(fxprune.structured.channel_report(prepared))
     _causal_lm(prepared, shrunk, 100)
 
 

@@ -71,8 +71,9 @@ def _update_heads(model: nn.Module, plan, config) -> None:
             m = model.get_submodule(name)
         except AttributeError:
             continue
-        heads.add(m.get_submodule(spec.q).weight.shape[0] // spec.head_dim)
-        kv.add(m.get_submodule(spec.k).weight.shape[0] // spec.head_dim)
+        h, g = _head_counts(m, spec)
+        heads.add(h)
+        kv.add(g)
         dims.add(spec.head_dim)
     if not heads:
         return
@@ -83,7 +84,29 @@ def _update_heads(model: nn.Module, plan, config) -> None:
             if new is not None:
                 setattr(config, attr, new)
     if len(dims) == 1 and hasattr(config, "head_dim"):
-        config.head_dim = next(iter(dims))
+        try:
+            config.head_dim = next(iter(dims))
+        except AttributeError:  # a derived property (Falcon: hidden_size // num_attention_heads)
+            pass
+
+
+def _head_counts(m: nn.Module, spec) -> tuple[int, int]:
+    """(query heads, key/value heads) a shrunk attention module holds, from its projections' widths.
+
+    A fused projection holds ``heads + 2 * kv_heads`` head-sized blocks: ``group`` queries per key/value
+    head (q|k|v and per-group interleaved layouts) or one shared key and value (multi-query).
+    """
+    def units(name: str) -> int:
+        w = m.get_submodule(name).weight
+        return (w.shape[1] if name in spec.transposed else w.shape[0]) // spec.head_dim
+
+    if not spec.fused:
+        return units(spec.q), units(spec.k)
+    total = units(spec.q)
+    if spec.layout == "shared_kv":
+        return total - 2, 1
+    groups = total // (spec.group + 2)
+    return groups * spec.group, groups
 
 
 def _mismatches(model: nn.Module, config) -> list[str]:
