@@ -126,6 +126,16 @@ def train(steps: int, batch: int, peak_lr: float, save_every: int, log_every: in
     print(f"saved {MODEL_DIR}", flush=True)
 
 
+def export(directory: Path) -> None:
+    """Writes the last checkpoint's model as a dense folder (to try a model before training ends)."""
+    state = torch.load(_STATE, weights_only=False)
+    model = build_model()
+    model.load_state_dict(state["model"])
+    model.eval()
+    save_dense(model, directory)
+    print(f"saved step {state['step']} to {directory}", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=3000)
@@ -134,8 +144,12 @@ def main() -> None:
     parser.add_argument("--save-every", type=int, default=100)
     parser.add_argument("--log-every", type=int, default=20)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--export", type=Path, help="only write the last checkpoint's model to this folder")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.export:
+        export(args.export)
+        return
     train(args.steps, args.batch, args.lr, args.save_every, args.log_every)
 
 
