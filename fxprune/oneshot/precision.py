@@ -23,7 +23,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-__all__ = ["compute_dtype", "computing_in", "cast_floating", "release_freed_memory"]
+__all__ = ["compute_dtype", "computing_in", "release_freed_memory"]
 
 _HALF = (torch.bfloat16, torch.float16)
 
@@ -72,24 +72,6 @@ def _unique(block: nn.Module) -> list[torch.Tensor]:
             seen.add(id(t))
             out.append(t)
     return out
-
-
-def cast_floating(value: Any, dtype: torch.dtype | None, memo: dict[int, Any] | None = None) -> Any:
-    """``value`` (a tensor, or tuples/lists/dicts of them) with floating tensors in ``dtype``; others as they are."""
-    if dtype is None:
-        return value
-    memo = {} if memo is None else memo
-    if isinstance(value, torch.Tensor):
-        if not value.is_floating_point() or value.dtype == dtype:
-            return value
-        if id(value) not in memo:
-            memo[id(value)] = value.to(dtype)
-        return memo[id(value)]
-    if isinstance(value, (tuple, list)) and type(value) in (tuple, list):
-        return type(value)(cast_floating(v, dtype, memo) for v in value)
-    if isinstance(value, dict):
-        return {k: cast_floating(v, dtype, memo) for k, v in value.items()}
-    return value
 
 
 _LIBC: Any = None

@@ -29,7 +29,6 @@ import torch
 from torch import nn
 
 from fxprune.errors import PruningError
-from fxprune.oneshot.precision import cast_floating
 
 __all__ = ["BlockCall", "Captured", "call_model", "capture_calls", "move_calls", "run_block", "replay_tail", "hidden_of"]
 
@@ -221,18 +220,29 @@ def capture_calls(
     return captured
 
 
-def _to(value: Any, device: torch.device | None, memo: dict[int, Any]) -> Any:
-    if device is None:
-        return value
+def map_tensors(value: Any, fn: Callable[[torch.Tensor], torch.Tensor], memo: dict[int, Any]) -> Any:
+    """``value`` (a tensor, or plain tuples/lists/dicts of them) with ``fn`` applied to every tensor.
+
+    ``memo`` maps a tensor's id to its result, so a tensor shared by several
+    arguments (one attention mask for every block) stays shared.
+    """
     if isinstance(value, torch.Tensor):
         if id(value) not in memo:
-            memo[id(value)] = value.to(device)
+            memo[id(value)] = fn(value)
         return memo[id(value)]
     if isinstance(value, (tuple, list)) and type(value) in (tuple, list):
-        return type(value)(_to(v, device, memo) for v in value)
+        return type(value)(map_tensors(v, fn, memo) for v in value)
     if isinstance(value, dict):
-        return {k: _to(v, device, memo) for k, v in value.items()}
+        return {k: map_tensors(v, fn, memo) for k, v in value.items()}
     return value
+
+
+def _to(value: Any, device: torch.device | None, memo: dict[int, Any]) -> Any:
+    return value if device is None else map_tensors(value, lambda t: t.to(device), memo)
+
+
+def _cast_floating(dtype: torch.dtype) -> Callable[[torch.Tensor], torch.Tensor]:
+    return lambda t: t.to(dtype) if t.is_floating_point() else t
 
 
 def move_calls(captured: Captured, device: torch.device | None) -> None:
@@ -263,7 +273,8 @@ def run_block(
             out = hidden_of(call.call(block, x))
         else:
             memo: dict[int, Any] = {}
-            cast = BlockCall(cast_floating(call.args, dtype, memo), cast_floating(call.kwargs, dtype, memo), call.hidden_key)
+            cast = _cast_floating(dtype)
+            cast = BlockCall(map_tensors(call.args, cast, memo), map_tensors(call.kwargs, cast, memo), call.hidden_key)
             out = hidden_of(cast.call(block, x.to(dtype))).to(x.dtype)
         if after_each is not None:
             after_each()
