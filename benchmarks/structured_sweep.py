@@ -188,7 +188,7 @@ def expose_wrong_shrinks(model: nn.Module, calibration: torch.Tensor | None = No
 
 
 #: Smallest input side a torchvision classifier accepts (its stem's strides and pools), where above 32.
-_MIN_SIDE = {"inception_v3": 75}
+_MIN_SIDE = {"inception_v3": 299}  # its train-mode aux head (run by the BN calibration) needs 17x17 at Mixed_6e
 
 
 def vision_input_side(name: str, image_size: int) -> int:
@@ -197,7 +197,7 @@ def vision_input_side(name: str, image_size: int) -> int:
     ViTs are built for that size (``image_size=`` of ``VisionTransformer``,
     rounded down to a multiple of the patch; the position embedding follows
     the patch count), maxvit_t only runs at 224 (its window partitions),
-    inception_v3 needs 75.
+    inception_v3 needs 299 (its aux head, run by the BN calibration).
     """
     if name == "maxvit_t":
         return 224
