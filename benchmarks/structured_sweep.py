@@ -532,6 +532,7 @@ def main(argv: list[str] | None = None) -> None:
                     help="JSON-lines file of finished rows (a rerun skips them); default benchmarks/.cache/"
                          "structured_sweep_<image-size>px.jsonl")
     ap.add_argument("--fresh", action="store_true", help="discard the rows file first")
+    ap.add_argument("--report", action="store_true", help="run nothing: print the table of the rows file's models")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
 
@@ -547,6 +548,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.fresh and rows_path.exists():
         rows_path.unlink()
     done = {r.name: r for r in read_rows(rows_path, Result)}
+    if args.report:
+        names = [n for n in names if n in done]
     print(f"{len(names)} models; {sum(n in done for n in names)} already in {rows_path}", flush=True)
     results, notes, failures = [], {}, []
     t_all = time.perf_counter()
