@@ -116,20 +116,21 @@ def group_importance(group: ChannelGroup, scores: dict[str, torch.Tensor], p: in
 
 
 def segments(group: ChannelGroup) -> list[torch.Tensor]:
-    """The group's channels (local, sorted) split by the set of weights that produce them.
+    """The group's channels (local, sorted) split by the set of weights that hold them.
 
-    A residual stream or a head group is one segment (every channel has the
-    same producers); the inputs of a concatenation are one segment each.
-    Producers are the weight slices along output channels (``OUT`` /
-    ``OUT_BLOCK``); channels no weight produces form a segment of their own.
+    A residual stream or a head group is one segment (every channel lives
+    in the same layers); the inputs of a concatenation are one segment each
+    (each channel's producer differs). Keyed by every weight slice, not only
+    the producers', because a slice's kind names a tensor dim, and which dim
+    is the output depends on the layer (a ``Conv1D`` holds ``(in, out)``).
     """
-    producers: list[set[str]] = [set() for _ in range(group.size)]
+    holders: list[set[str]] = [set() for _ in range(group.size)]
     for s in group.slices:
-        if s.is_weight and s.kind in (OUT, OUT_BLOCK):
+        if s.is_weight:
             for c in group.local(s.channels).tolist():
-                producers[c].add(s.tensor)
+                holders[c].add(s.tensor)
     by_key: dict[frozenset[str], list[int]] = {}
-    for c, key in enumerate(producers):
+    for c, key in enumerate(holders):
         by_key.setdefault(frozenset(key), []).append(c)
     return [torch.tensor(v, dtype=torch.long) for v in by_key.values()]
 
