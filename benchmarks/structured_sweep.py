@@ -27,16 +27,27 @@ the diff):
    channel plan (separate or fused projections) and every
    ``nn.MultiheadAttention``, counted from their projection shapes and head
    counts. ``-`` when the model has no provable attention.
-4. Parameters shrunk / dense; CPU latency at batch 1 shrunk / dense (models
+4. Parameters, MACs (:func:`sweep_measure.count_macs`: torch's FLOP
+   counter / 2) and CPU latency at batch 1, shrunk / dense (models
    interleaved in every repeat, median); max |shrunk(x) - masked(x)| on a
    fresh input, and that over max |masked(x)| ("rel").
+5. Torch-Pruning 1.6.1 on a fresh copy of the same model at the same goal
+   (:func:`sweep_measure.torch_pruning_run`): its parameter and MACs ratio,
+   or why it does not count (error, time-out, its pruned model fails or
+   changes the output shape).
+6. The "target" column (:attr:`Result.target`): fxprune's parameter ratio
+   <= Torch-Pruning's + 0.03 where Torch-Pruning's model counts, fxprune
+   prunes every model Torch-Pruning prunes, shrunk == masked (rel < 1e-4).
 
-Run::
+Every finished row is appended to a JSON-lines file (default
+``benchmarks/.cache/structured_sweep_<size>px.jsonl``): a stopped run
+resumes where it was, ``--fresh`` starts over, ``--report`` prints the table
+of what is there. One model at a time is built, measured and freed (the
+largest hold ~2.5 GB of weights). Run::
 
-    python benchmarks/structured_sweep.py                       # all models, 224x224 images, bert-base
-    python benchmarks/structured_sweep.py --only resnet18 --only bert
-    python benchmarks/structured_sweep.py --image-size 64 --repeats 3   # CNNs only go small; vit_b_16 stays 224
-    python benchmarks/structured_sweep.py --hf-zoo --only vit_small_tv --torch-pruning --repeats 3
+    python benchmarks/structured_sweep.py --hf-zoo --image-size 64 --repeats 3   # the 80 torchvision classifiers + HF zoo
+    python benchmarks/structured_sweep.py --only resnet18 --only bert --no-torch-pruning
+    python benchmarks/structured_sweep.py --image-size 64 --report
 
 Each model runs in its own ``try``: a failure is a table row with the
 exception, and the traceback is printed after the table.
