@@ -27,16 +27,27 @@ the diff):
    channel plan (separate or fused projections) and every
    ``nn.MultiheadAttention``, counted from their projection shapes and head
    counts. ``-`` when the model has no provable attention.
-4. Parameters shrunk / dense; CPU latency at batch 1 shrunk / dense (models
+4. Parameters, MACs (:func:`sweep_measure.count_macs`: torch's FLOP
+   counter / 2) and CPU latency at batch 1, shrunk / dense (models
    interleaved in every repeat, median); max |shrunk(x) - masked(x)| on a
    fresh input, and that over max |masked(x)| ("rel").
+5. Torch-Pruning 1.6.1 on a fresh copy of the same model at the same goal
+   (:func:`sweep_measure.torch_pruning_run`): its parameter and MACs ratio,
+   or why it does not count (error, time-out, its pruned model fails or
+   changes the output shape).
+6. The "target" column (:attr:`Result.target`): fxprune's parameter ratio
+   <= Torch-Pruning's + 0.03 where Torch-Pruning's model counts, fxprune
+   prunes every model Torch-Pruning prunes, shrunk == masked (rel < 1e-4).
 
-Run::
+Every finished row is appended to a JSON-lines file (default
+``benchmarks/.cache/structured_sweep_<size>px.jsonl``): a stopped run
+resumes where it was, ``--fresh`` starts over, ``--report`` prints the table
+of what is there. One model at a time is built, measured and freed (the
+largest hold ~2.5 GB of weights). Run::
 
-    python benchmarks/structured_sweep.py                       # all models, 224x224 images, bert-base
-    python benchmarks/structured_sweep.py --only resnet18 --only bert
-    python benchmarks/structured_sweep.py --image-size 64 --repeats 3   # CNNs only go small; vit_b_16 stays 224
-    python benchmarks/structured_sweep.py --hf-zoo --only vit_small_tv --torch-pruning --repeats 3
+    python benchmarks/structured_sweep.py --hf-zoo --image-size 64 --repeats 3   # the 80 torchvision classifiers + HF zoo
+    python benchmarks/structured_sweep.py --only resnet18 --only bert --no-torch-pruning
+    python benchmarks/structured_sweep.py --image-size 64 --report
 
 Each model runs in its own ``try``: a failure is a table row with the
 exception, and the traceback is printed after the table.
@@ -45,15 +56,17 @@ exception, and the traceback is printed after the table.
 from __future__ import annotations
 
 import argparse
+import functools
+import gc
 import math
 import re
-import signal
-import statistics
+import sys
 import time
 import traceback
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -63,10 +76,17 @@ import fxprune
 from fxprune.structured import channel_plan_of, channel_report
 from fxprune.structured.head_layout import heads_left
 
-__all__ = ["CASES", "Case", "Result", "bert_case", "expose_wrong_shrinks", "make_case", "markdown_table", "main",
-           "n_params", "run_case", "summarize_reasons", "vision_case"]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from sweep_measure import (count_macs, latency_pair, n_params, output_tensor, read_rows,  # noqa: E402
+                           torch_pruning_run, write_row)
+
+__all__ = ["EXTRA_CASES", "HF_ZOO", "Case", "Result", "bert_case", "expose_wrong_shrinks", "make_case",
+           "markdown_table", "main", "n_params", "run_case", "summarize_reasons", "summary",
+           "torchvision_classifiers", "vision_case"]
 
 GOAL = 0.5
+TARGET_SLACK = 0.03  # the issue's target: fxprune's params ratio <= Torch-Pruning's + this
+EXACT = 1e-4  # shrunk == masked: max |difference| / max |masked output| below this
 
 
 @dataclass(frozen=True)
@@ -101,12 +121,35 @@ class Result:
     seconds: float = 0.0
     error: str = ""
     shrunk: nn.Module | None = None
-    tp_ratio: float = math.nan  # Torch-Pruning's params ratio on the same model (--torch-pruning)
-    tp_note: str = ""
+    macs_dense: int = 0  # multiply-accumulates of one forward on the example input (torch's FLOP counter / 2)
+    macs_shrunk: int = 0
+    tp_ratio: float = math.nan  # Torch-Pruning's params ratio on the same model, same goal
+    tp_macs_ratio: float = math.nan
+    tp_note: str = ""  # "" = it pruned and its model runs; else why not (error, time-out, its model fails)
+    tp_seconds: float = 0.0
 
     @property
     def params_ratio(self) -> float:
         return self.params_shrunk / self.params_dense if self.params_dense else math.nan
+
+    @property
+    def target(self) -> str:
+        """``ok`` / ``ok (TP: why it does not count)`` / ``MISS: why``, by the issue's targets.
+
+        A row misses when shrunk != masked, when fxprune fails where
+        Torch-Pruning's pruned model runs, or when fxprune leaves more than
+        Torch-Pruning's parameter ratio + 0.03 on a model both prune.
+        """
+        tp_counts = not math.isnan(self.tp_ratio) and not self.tp_note
+        if self.error:
+            return "MISS: fxprune fails" if tp_counts else f"MISS: fxprune fails (TP: {self.tp_note or 'n/a'})"
+        if not self.rel_diff <= EXACT:
+            return f"MISS: shrunk != masked (rel {self.rel_diff:.0e})"
+        if not tp_counts:
+            return f"ok (TP: {self.tp_note or 'not run'})"
+        if self.params_ratio > self.tp_ratio + TARGET_SLACK:
+            return f"MISS: {self.params_ratio:.3f} > TP {self.tp_ratio:.3f} + {TARGET_SLACK}"
+        return "ok"
 
 
 # ----------------------------------------------------------------------------- models
@@ -155,19 +198,52 @@ def expose_wrong_shrinks(model: nn.Module, calibration: torch.Tensor | None = No
                 p.copy_(torch.randn(p.shape, generator=g) * 0.02)
 
 
+#: Smallest input side a torchvision classifier accepts (its stem's strides and pools), where above 32.
+_MIN_SIDE = {"inception_v3": 299}  # its train-mode aux head (run by the BN calibration) needs 17x17 at Mixed_6e
+
+
+def vision_input_side(name: str, image_size: int) -> int:
+    """The side ``name`` runs at for a requested ``image_size``.
+
+    ViTs are built for that size (``image_size=`` of ``VisionTransformer``,
+    rounded down to a multiple of the patch; the position embedding follows
+    the patch count), maxvit_t only runs at 224 (its window partitions),
+    inception_v3 needs 299 (its aux head, run by the BN calibration).
+    """
+    if name == "maxvit_t":
+        return 224
+    if name.startswith("vit_"):
+        patch = int(name.rsplit("_", 1)[1])
+        return max(patch, image_size // patch * patch)
+    return max(image_size, _MIN_SIDE.get(name, 32))
+
+
 def vision_case(name: str, image_size: int = 224) -> Case:
-    """A torchvision classifier, ``weights=None``; ``vit_b_16`` only accepts 224x224."""
-    if name == "vit_b_16":
-        image_size = 224
+    """A torchvision classifier, ``weights=None``, at :func:`vision_input_side` of ``image_size``."""
+    side = vision_input_side(name, image_size)
 
     def build() -> nn.Module:
         import torchvision
 
-        model = getattr(torchvision.models, name)(weights=None)
-        expose_wrong_shrinks(model, torch.randn(8, 3, image_size, image_size))
+        kwargs = {"image_size": side} if name.startswith("vit_") else {}
+        model = torchvision.models.get_model(name, weights=None, **kwargs)
+        expose_wrong_shrinks(model, torch.randn(8, 3, side, side))
         return model.eval()
 
-    return Case(name, build, lambda: (torch.randn(1, 3, image_size, image_size),), note=f"{image_size}px")
+    return Case(name, build, lambda: (torch.randn(1, 3, side, side),), note=f"{side}px")
+
+
+@functools.lru_cache(maxsize=1)
+def torchvision_classifiers() -> tuple[str, ...]:
+    """Every classifier of ``torchvision.models``, smallest first (by its weights' recorded parameter count).
+
+    Smallest first so that a run that is stopped has covered the most models,
+    and the big ones (vit_h_14 and regnet_y_128gf, ~630M parameters) come last.
+    """
+    import torchvision
+
+    names = torchvision.models.list_models(module=torchvision.models)
+    return tuple(sorted(names, key=lambda n: torchvision.models.get_model_weights(n).DEFAULT.meta["num_params"]))
 
 
 def bert_case(hidden: int = 768, layers: int = 12, heads: int = 12, intermediate: int = 3072, vocab: int = 30522,
@@ -267,43 +343,26 @@ def hf_case(name: str) -> Case:
     return Case(name, build, inputs, pass_example_inputs=True, note=cls_name)
 
 
-VISION = ("resnet18", "resnet50", "mobilenet_v3_small", "mobilenet_v3_large", "efficientnet_b0", "convnext_tiny",
-          "vit_b_16")
-CASES: tuple[str, ...] = (*VISION, "vit_small_tv", "bert", "llama", *HF_ZOO)
+#: Cases besides the torchvision classifiers (``--only`` names them; ``--hf-zoo`` runs the HF zoo).
+EXTRA_CASES: tuple[str, ...] = ("vit_small_tv", "bert", "llama", *HF_ZOO)
 
 
 def make_case(name: str, image_size: int = 224) -> Case:
-    """The sweep's case for a name of :data:`CASES` (BERT at bert-base size)."""
+    """The sweep's case for a torchvision classifier or a name of :data:`EXTRA_CASES` (BERT at bert-base size)."""
     if name == "bert":
         return bert_case()
     if name == "llama":
         return llama_case()
-    if name in VISION:
-        return vision_case(name, image_size)
     if name == "vit_small_tv":
         return vit_small_case()
     if name in HF_ZOO:
         return hf_case(name)
-    raise ValueError(f"unknown model {name!r}; choose from {', '.join(CASES)}")
+    if name in torchvision_classifiers():
+        return vision_case(name, image_size)
+    raise ValueError(f"unknown model {name!r}: a torchvision classifier or one of {', '.join(EXTRA_CASES)}")
 
 
 # ----------------------------------------------------------------------------- measurements
-def _tensor_out(y: Any) -> torch.Tensor:
-    """The tensor to compare: the output itself, or a HF model's ``last_hidden_state``."""
-    if isinstance(y, torch.Tensor):
-        return y
-    if hasattr(y, "last_hidden_state"):
-        return y.last_hidden_state
-    if isinstance(y, (tuple, list)) and y and isinstance(y[0], torch.Tensor):
-        return y[0]
-    raise TypeError(f"cannot find the output tensor in a {type(y).__name__}")
-
-
-def n_params(model: nn.Module) -> int:
-    """Parameter count (tied parameters once): what the shrinking removes from the checkpoint."""
-    return sum(p.numel() for p in model.parameters())
-
-
 _REASON_RULES: tuple[tuple[str, str], ...] = (
     # (regex on the full reason, short label with its groups); the first match wins, the rest fall to _normalize
     (r"^model input", "model input"),
@@ -346,23 +405,13 @@ def summarize_reasons(excluded: list[tuple[int, int, list[str], list[str]]]) -> 
     return counts.most_common()
 
 
-def _latency(dense: nn.Module, shrunk: nn.Module, x: tuple, repeats: int) -> tuple[float, float]:
-    """Median batch-1 forward time of each model, interleaved so machine load hits both alike."""
-    times: dict[str, list[float]] = {"dense": [], "shrunk": []}
-    with torch.inference_mode():
-        dense(*x), shrunk(*x)  # warm-up
-        for _ in range(repeats):
-            for key, m in (("dense", dense), ("shrunk", shrunk)):
-                t0 = time.perf_counter()
-                m(*x)
-                times[key].append(time.perf_counter() - t0)
-    return statistics.median(times["dense"]), statistics.median(times["shrunk"])
-
-
-def run_case(case: Case, repeats: int = 5, keep_model: bool = False, torch_pruning: bool = False) -> Result:
+def run_case(case: Case, repeats: int = 5, keep_model: bool = False, torch_pruning: bool = False,
+             tp_timeout: int = 300) -> Result:
     """Prune one model at 50% channels, shrink it, and measure; exceptions propagate (``main`` catches them).
 
-    ``repeats=0`` leaves the latency columns empty (NaN).
+    ``repeats=0`` leaves the latency columns empty (NaN). The dense and shrunk
+    models are freed before Torch-Pruning builds its own copy (the largest
+    torchvision models hold ~2.5 GB of weights each).
     """
     res = Result(case.name)
     torch.manual_seed(0)
@@ -383,12 +432,13 @@ def run_case(case: Case, repeats: int = 5, keep_model: bool = False, torch_pruni
         t_prune = time.perf_counter() - t0
         prepared.eval()
         with torch.no_grad():
-            masked_out = _tensor_out(prepared(*x)).clone()
+            masked_out = output_tensor(prepared(*x)).clone()
         plan = channel_plan_of(prepared)
         report = channel_report(prepared)["p"]
         t0 = time.perf_counter()
         shrunk = fxprune.convert(prepared, inplace=True, physical=True)
         res.seconds = t_prune + time.perf_counter() - t0
+    del prepared
     shrunk.eval()
 
     res.prunable, res.excluded = len(report.prunable), len(report.excluded)
@@ -403,150 +453,150 @@ def run_case(case: Case, repeats: int = 5, keep_model: bool = False, torch_pruni
             res.heads_after += shrunk.get_submodule(name).num_heads
     res.params_dense, res.params_shrunk = n_params(dense), n_params(shrunk)
     with torch.no_grad():
-        got = _tensor_out(shrunk(*x))
+        got = output_tensor(shrunk(*x))
     if got.shape != masked_out.shape:
         raise AssertionError(f"{case.name}: shrunk output shape {tuple(got.shape)} != masked {tuple(masked_out.shape)}")
     res.max_abs_diff = (got - masked_out).abs().max().item()
     res.rel_diff = res.max_abs_diff / max(masked_out.abs().max().item(), 1e-12)
+    res.macs_dense, res.macs_shrunk = count_macs(dense, x), count_macs(shrunk, x)
     if repeats > 0:
-        res.latency_dense, res.latency_shrunk = _latency(dense, shrunk, x, repeats)
+        res.latency_dense, res.latency_shrunk = latency_pair(dense, shrunk, x, repeats)
     if keep_model:
         res.shrunk = shrunk
+    del dense, shrunk, plan, report
+    gc.collect()
     if torch_pruning:
-        res.tp_ratio, res.tp_note = torch_pruning_ratio(case)
+        tp = torch_pruning_run(case.build, x, res.macs_dense, GOAL, timeout=tp_timeout)
+        res.tp_ratio, res.tp_macs_ratio, res.tp_note, res.tp_seconds = tp.params_ratio, tp.macs_ratio, tp.note, tp.seconds
     return res
-
-
-class _TimedOut(Exception):
-    pass
-
-
-def _alarm(_signum: int, _frame: Any) -> None:
-    raise _TimedOut
-
-
-def torch_pruning_ratio(case: Case, timeout: int = 120) -> tuple[float, str]:
-    """Torch-Pruning's parameter ratio on the same model at the same goal (its documented MetaPruner use).
-
-    Magnitude (L1) importance, ``pruning_ratio=0.5``, 1000-way classifier heads
-    ignored, ``num_heads`` given for every ``nn.MultiheadAttention`` and the
-    q/k/v layers of attention modules with a head count attribute
-    (``prune_num_heads=True``), Hugging Face outputs read through
-    ``output_transform``; given up after ``timeout`` seconds. The note says
-    whether its pruned model still runs on the example input.
-    """
-    try:
-        import torch_pruning as tp
-    except ImportError:
-        return math.nan, "torch_pruning not installed"
-    torch.manual_seed(0)
-    model = case.build()
-    x = case.inputs()
-    before = n_params(model)
-    ignored = [m for m in model.modules() if isinstance(m, nn.Linear) and m.out_features == 1000]
-    num_heads: dict[nn.Module, int] = {}
-    for m in model.modules():
-        if isinstance(m, nn.MultiheadAttention):
-            num_heads[m] = m.num_heads
-        heads = next((getattr(m, a) for a in ("num_attention_heads", "num_heads") if isinstance(getattr(m, a, None), int)),
-                     None)
-        for child in ("query", "key", "value", "q_proj", "k_proj", "v_proj"):
-            if heads and isinstance(getattr(m, child, None), nn.Linear):
-                num_heads[getattr(m, child)] = heads
-    previous = signal.signal(signal.SIGALRM, _alarm)  # Torch-Pruning can run for hours on some graphs
-    signal.alarm(timeout)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            pruner = tp.pruner.MetaPruner(model, x if len(x) > 1 else x[0],
-                                          importance=tp.importance.MagnitudeImportance(p=1), pruning_ratio=GOAL,
-                                          ignored_layers=ignored, num_heads=num_heads, prune_num_heads=bool(num_heads),
-                                          output_transform=_tensor_out)
-            pruner.step()
-    except _TimedOut:
-        return math.nan, f"timed out after {timeout} s"
-    except Exception as e:  # noqa: BLE001 - a baseline failure is a table cell
-        return math.nan, f"{type(e).__name__}"
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
-    ratio = n_params(model) / before
-    try:
-        with torch.no_grad():
-            model(*x)
-    except Exception as e:  # noqa: BLE001
-        return ratio, f"its model fails: {type(e).__name__}"
-    return ratio, ""
 
 
 # ----------------------------------------------------------------------------- table
 def _m(n: int) -> str:
-    return f"{n / 1e6:.2f}M"
+    return f"{n / 1e6:.2f}M" if n < 1e9 else f"{n / 1e9:.2f}G"
 
 
-def markdown_table(results: list[Result], notes: dict[str, str] | None = None, top: int = 6) -> str:
+def _ratio(a: float, b: float) -> str:
+    return f"{a / b:.2f}" if b and not (math.isnan(a) or math.isnan(b)) else "-"
+
+
+def markdown_table(results: list[Result], notes: dict[str, str] | None = None, top: int = 4) -> str:
     """The sweep's table; ``notes`` (model -> input size / config) go after the name, ``top`` reasons per row."""
     notes = notes or {}
-    head = ("| model | prunable groups | excluded groups (main reasons) | heads | params (shrunk/dense) "
-            "| latency b=1 (shrunk/dense) | max abs diff | pass seconds | Torch-Pruning params |")
-    lines = [head, "|" + "---|" * 9]
+    head = ("| model | target | params (shrunk/dense) | MACs | latency b=1 | Torch-Pruning params (MACs) "
+            "| shrunk vs masked (rel) | heads | prunable / excluded groups (main reasons) | pass s |")
+    lines = [head, "|" + "---|" * 10]
     for r in results:
         label = f"{r.name} ({notes[r.name]})" if notes.get(r.name) else r.name
         if r.error:
-            lines.append(f"| {label} | FAIL | {r.error} | | | | | {r.seconds:.1f} | |")
+            lines.append(f"| {label} | {r.target} | FAIL | | | {_tp_cell(r)} | | | {r.error} | {r.seconds:.1f} |")
             continue
         why = "; ".join(f"{s} ×{n}" for s, n in r.reasons[:top])
         if len(r.reasons) > top:
             why += f"; +{len(r.reasons) - top} more"
-        excl = f"{r.excluded}" + (f" ({why})" if why else "")
+        groups = f"{r.prunable} / {r.excluded}" + (f" ({why})" if why else "")
         if r.dense_weights:
-            excl += f"; {r.dense_weights} weights left dense"
+            groups += f"; {r.dense_weights} weights left dense"
         heads = f"{r.heads_before}→{r.heads_after}" if r.heads_before else "-"
-        params = f"{_m(r.params_shrunk)} / {_m(r.params_dense)} = {r.params_ratio:.2f}"
-        if math.isnan(r.latency_dense):
-            lat = "-"
-        else:
-            lat = (f"{r.latency_shrunk * 1e3:.1f} / {r.latency_dense * 1e3:.1f} ms = "
-                   f"{r.latency_shrunk / r.latency_dense:.2f}")
-        lines.append(f"| {label} | {r.prunable} | {excl} | {heads} | {params} | {lat} | "
-                     f"{r.max_abs_diff:.1e} (rel {r.rel_diff:.0e}) | {r.seconds:.2f} | "
-                     f"{'-' if math.isnan(r.tp_ratio) else f'{r.tp_ratio:.2f}'}{' ' + r.tp_note if r.tp_note else ''} |")
+        params = f"{_m(r.params_shrunk)} / {_m(r.params_dense)} = {r.params_ratio:.3f}"
+        lat = "-" if math.isnan(r.latency_dense) else (
+            f"{r.latency_shrunk * 1e3:.1f} / {r.latency_dense * 1e3:.1f} ms = {_ratio(r.latency_shrunk, r.latency_dense)}")
+        lines.append(f"| {label} | {r.target} | {params} | {_ratio(r.macs_shrunk, r.macs_dense)} | {lat} | "
+                     f"{_tp_cell(r)} | {r.max_abs_diff:.1e} ({r.rel_diff:.0e}) | {heads} | {groups} | "
+                     f"{r.seconds:.1f} |")
+    return "\n".join(lines)
+
+
+def _tp_cell(r: Result) -> str:
+    if math.isnan(r.tp_ratio):
+        return r.tp_note or "-"
+    macs = "" if math.isnan(r.tp_macs_ratio) else f" ({r.tp_macs_ratio:.2f})"
+    return f"{r.tp_ratio:.3f}{macs}" + (f", {r.tp_note}" if r.tp_note else "")
+
+
+def summary(results: list[Result]) -> str:
+    """One line per outcome: how many rows met the targets, and which missed (the README quotes it)."""
+    met = [r for r in results if r.target.startswith("ok")]
+    missed = [r for r in results if not r.target.startswith("ok")]
+    lines = [f"{len(results)} rows: {len(met)} meet the targets "
+             f"({sum(r.target == 'ok' for r in results)} against a Torch-Pruning model that runs), "
+             f"{len(missed)} miss"]
+    lines += [f"  MISS {r.name}: {r.target}" for r in missed]
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--only", action="append", choices=CASES, metavar="NAME",
-                    help=f"run only this model (repeatable); one of {', '.join(CASES)}")
-    ap.add_argument("--image-size", type=int, default=224, help="CNN input side (vit_b_16 always uses 224)")
+    ap.add_argument("--only", action="append", metavar="NAME",
+                    help="run only this model (repeatable): a torchvision classifier, "
+                         f"or one of {', '.join(EXTRA_CASES)}")
+    ap.add_argument("--hf-zoo", action="store_true", help="also run the Hugging Face tiny-config zoo")
+    ap.add_argument("--no-torchvision", action="store_true", help="skip the 80 torchvision classifiers")
+    ap.add_argument("--image-size", type=int, default=224,
+                    help="CNN input side (ViTs take the nearest multiple of their patch; maxvit_t stays 224); "
+                         "parameter ratios do not depend on it, MACs and latency do")
     ap.add_argument("--repeats", type=int, default=5, help="latency runs per model (median); 0 skips latency")
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1 on a shared machine)")
-    ap.add_argument("--torch-pruning", action="store_true", help="also prune each model with Torch-Pruning")
-    ap.add_argument("--hf-zoo", action="store_true", help="run the Hugging Face tiny-config zoo (and --only models)")
+    ap.add_argument("--no-torch-pruning", action="store_true", help="skip the Torch-Pruning baseline")
+    ap.add_argument("--tp-timeout", type=int, default=300, help="seconds Torch-Pruning gets per model")
+    ap.add_argument("--rows", type=Path, default=None,
+                    help="JSON-lines file of finished rows (a rerun skips them); default benchmarks/.cache/"
+                         "structured_sweep_<image-size>px.jsonl")
+    ap.add_argument("--fresh", action="store_true", help="discard the rows file first")
+    ap.add_argument("--report", action="store_true", help="run nothing: print the table of the rows file's models")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    names = [n for n in CASES if (not args.only and not args.hf_zoo) or n in (args.only or ())
-             or (args.hf_zoo and n in HF_ZOO)]
+    if args.only:
+        names = list(dict.fromkeys(args.only))
+        unknown = [n for n in names if n not in EXTRA_CASES and n not in torchvision_classifiers()]
+        if unknown:
+            ap.error(f"unknown model(s) {', '.join(unknown)}: a torchvision classifier or one of "
+                     f"{', '.join(EXTRA_CASES)}")
+    else:
+        names = ([] if args.no_torchvision else list(torchvision_classifiers())) + (list(HF_ZOO) if args.hf_zoo else [])
+    rows_path = args.rows or Path(__file__).resolve().parent / ".cache" / f"structured_sweep_{args.image_size}px.jsonl"
+    if args.fresh and rows_path.exists():
+        rows_path.unlink()
+    done = {r.name: r for r in read_rows(rows_path, Result)}
+    if args.report:
+        names = [n for n in names if n in done]
+    print(f"{len(names)} models; {sum(n in done for n in names)} already in {rows_path}", flush=True)
     results, notes, failures = [], {}, []
     t_all = time.perf_counter()
     for name in names:
         case = make_case(name, args.image_size)
         notes[name] = case.note
+        if name in done:
+            results.append(done[name])
+            continue
         t0 = time.perf_counter()
         try:
-            res = run_case(case, repeats=args.repeats, torch_pruning=args.torch_pruning)
+            res = run_case(case, repeats=args.repeats, torch_pruning=not args.no_torch_pruning,
+                           tp_timeout=args.tp_timeout)
         except Exception as e:  # noqa: BLE001 -- one failure is a row, not a crash
             first = str(e).splitlines()[0][:120].replace("|", "\\|") if str(e) else ""
-            res = Result(name, error=f"{type(e).__name__}: {first}",
-                         seconds=time.perf_counter() - t0)
+            res = Result(name, error=f"{type(e).__name__}: {first}", seconds=time.perf_counter() - t0)
             failures.append((name, traceback.format_exc()))
+            gc.collect()
+            if not args.no_torch_pruning:  # a model fxprune cannot prune still gets its baseline cell
+                try:
+                    tp = torch_pruning_run(case.build, case.inputs(), 0, GOAL, timeout=args.tp_timeout)
+                    res.tp_ratio, res.tp_note, res.tp_seconds = tp.params_ratio, tp.note, tp.seconds
+                except Exception as e2:  # noqa: BLE001
+                    res.tp_note = type(e2).__name__
+        write_row(rows_path, res)
         results.append(res)
-        print(f"  {name}: done in {time.perf_counter() - t0:.1f} s", flush=True)
+        print(f"  {name}: {res.target}; params {res.params_ratio:.3f} vs TP {res.tp_ratio:.3f} {res.tp_note}; "
+              f"{time.perf_counter() - t0:.1f} s", flush=True)
+        gc.collect()
 
     print(f"\nchannel pruning at {GOAL:.0%}, CPU threads={args.threads}, latency median of {args.repeats} "
-          f"interleaved runs; sweep wall time {time.perf_counter() - t_all:.0f} s\n")
+          f"interleaved runs; this run's wall time {time.perf_counter() - t_all:.0f} s "
+          f"(rows from earlier runs: {sum(n in done for n in names)})\n")
     print(markdown_table(results, notes))
+    print()
+    print(summary(results))
     for name, tb in failures:
         print(f"\n--- {name} failed:\n{tb}")
 

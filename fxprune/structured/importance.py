@@ -14,7 +14,14 @@ column), not a sum of per-layer norms, so a layer counts by how many weights
 it holds. Norm weights and biases are not scored (they are not pruned weights).
 
 Selection is per group: ``round(goal * channels)`` channels are removed
-(never all of them), the lowest-importance first, ties by channel order;
+(never all of them), the lowest-importance first, ties by channel order --
+and per *segment* where the group is a concatenation of different layers'
+outputs (SqueezeNet's expand1x1 | expand3x3, a DenseNet block, an Inception
+module): channels produced by different layers are ranked within their own
+layer, so each producer loses the goal of its channels (:func:`segments`).
+One ranking across them would compare a 1x1 filter's norm with a 3x3
+filter's (nine times the entries) and empty the cheap layer while the
+expensive one stays whole.
 ``min_channels`` and ``round_to`` (pruner keys) then raise or round the
 number kept (:func:`kept_count`; attention head groups are exempt: their
 widths are already multiples of the head size).
@@ -37,7 +44,7 @@ if TYPE_CHECKING:
     from fxprune.masked import MaskedParameter
     from fxprune.structured.analysis import ChannelPlan
 
-__all__ = ["channel_masks", "group_importance", "select_channels", "kept_count", "kept_entries", "NORMS"]
+__all__ = ["channel_masks", "group_importance", "select_channels", "segments", "kept_count", "kept_entries", "NORMS"]
 
 NORMS = {"l1": 1, "l2": 2}
 
@@ -106,6 +113,37 @@ def group_importance(group: ChannelGroup, scores: dict[str, torch.Tensor], p: in
     """Per-channel L_p norm of ``scores`` over all the group's slices in ``scores`` (float64, local order)."""
     imp = _slice_values(group, scores, p)
     return imp.clamp_min(0) ** (1.0 / p) if p != 1 else imp
+
+
+def segments(group: ChannelGroup) -> list[torch.Tensor]:
+    """The group's channels (local, sorted) split by the set of weights that hold them.
+
+    A residual stream or a head group is one segment (every channel lives
+    in the same layers); the inputs of a concatenation are one segment each
+    (each channel's producer differs). Keyed by every weight slice, not only
+    the producers', because a slice's kind names a tensor dim, and which dim
+    is the output depends on the layer (a ``Conv1D`` holds ``(in, out)``).
+    """
+    holders: list[set[str]] = [set() for _ in range(group.size)]
+    for s in group.slices:
+        if s.is_weight:
+            for c in group.local(s.channels).tolist():
+                holders[c].add(s.tensor)
+    by_key: dict[frozenset[str], list[int]] = {}
+    for c, key in enumerate(holders):
+        by_key.setdefault(frozenset(key), []).append(c)
+    return [torch.tensor(v, dtype=torch.long) for v in by_key.values()]
+
+
+def _select_by_segment(importance: torch.Tensor, removed: torch.Tensor, goal: float, parts: list[torch.Tensor],
+                       keep_one: list[torch.Tensor], min_channels: int, round_to: int) -> torch.Tensor:
+    """:func:`select_channels` within each segment (``min_channels`` / ``round_to`` per segment: one layer's width)."""
+    out = removed.clone()
+    for seg in parts:
+        local = [torch.searchsorted(seg, m[torch.isin(m, seg)]) for m in keep_one]
+        out[seg] = select_channels(importance[seg], removed[seg], goal, None, [m for m in local if len(m)],
+                                   min_channels, round_to)
+    return out
 
 
 def select_channels(
@@ -254,7 +292,12 @@ def channel_masks(
         removed = kept_entries(plan, grp) == 0
         layers = [grp.local(s.channels).unique() for s in grp.slices if s.is_weight]
         heads = any(s.kind == OUT_BLOCK for s in grp.slices)  # head counts: not channels, not rounded
-        drop = select_channels(imp, removed, goal, grp.cells, layers, *((1, 1) if heads else (min_channels, round_to)))
+        rounding = (1, 1) if heads else (min_channels, round_to)
+        parts = segments(grp) if grp.cells is None else []
+        if len(parts) > 1:
+            drop = _select_by_segment(imp, removed, goal, parts, layers, *rounding)
+        else:
+            drop = select_channels(imp, removed, goal, grp.cells, layers, *rounding)
         chans = grp.id_tensor()[drop]
         for s in grp.slices:
             if s.tensor in new:
