@@ -93,14 +93,15 @@ def test_gpt2_c_attn_heads_and_conv1d_mlp():
         assert block.attn.c_attn.weight.shape == (32, 48) and block.attn.c_attn.nf == 48
         assert block.attn.c_proj.weight.shape == (16, 32) and block.mlp.c_fc.weight.shape == (32, 64)
     _causal_lm(prepared, shrunk, 100)
-    # Recorded on an example (the root is not traceable): heads are cut; the MLP, whose Conv1D prepare has
-    # inlined as addmm, is reported instead of guessed (a known gap of the recorded route).
+    # Recorded on an example (the root is not traceable): prepare has inlined the MLP's Conv1D as
+    # size/view/addmm/view, which the recording folds back into the layer, so its units are cut as well.
     torch.manual_seed(0)
     prepared, shrunk = prune(transformers.GPT2LMHeadModel(cfg), 0.5, (torch.randint(0, 100, (2, 8)),))
     for block in shrunk.transformer.h:
-        assert block.attn.num_heads == 2 and block.attn.c_attn.weight.shape == (32, 48)
-    reasons = str(fxprune.structured.channel_report(prepared))
-    assert "mlp.c_fc.weight" in reasons and "addmm" in reasons
+        assert block.attn.num_heads == 2 and block.attn.c_attn.weight.shape[1] == 48
+        assert block.mlp.c_fc.weight.shape[1] == 64 and block.mlp.c_fc.nf == 64
+        assert block.mlp.c_proj.weight.shape[0] == 64
+    assert "mlp.c_fc.weight" not in str(fxprune.structured.channel_report(prepared))
     _causal_lm(prepared, shrunk, 100)
 
 
@@ -132,9 +133,11 @@ def test_falcon_query_key_value_layouts(variant):
                        else "shared_kv"}
     for layer in shrunk.transformer.h:
         assert layer.self_attention.num_heads == 2
-    # The root is recorded on the example: prepare has inlined FalconLinear's matmul into the traced MLP, so
-    # its units are reported as left dense, not guessed (a known gap of the recorded route; see the GPT-2 test).
-    assert "dense_h_to_4h.weight" in str(fxprune.structured.channel_report(prepared))
+    # The root is recorded on the example: prepare has inlined FalconLinear as ``x @ W.T``, which the
+    # recording folds back into the layer, so the MLP units are cut (128 -> 64) as well.
+    for layer in shrunk.transformer.h:
+        assert layer.mlp.dense_h_to_4h.weight.shape[0] == 64 and layer.mlp.dense_4h_to_h.weight.shape[1] == 64
+    assert "dense_h_to_4h.weight" not in str(fxprune.structured.channel_report(prepared))
     _causal_lm(prepared, shrunk, 100)
 
 

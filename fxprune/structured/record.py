@@ -31,6 +31,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
+from fxprune.structured.inlined import fold_inlined_layers
 from fxprune.trace import leaving_no_trace, output_tensors
 
 __all__ = ["record_graph"]
@@ -103,8 +104,13 @@ class _Recorder(TorchFunctionMode):
         if name in ("__get__", "__set__"):  # attribute access: only a tensor-valued one (``.T``) is an op
             if not isinstance(out, torch.Tensor) or not args or not isinstance(args[0], torch.Tensor):
                 return out
-            node = self.graph.call_method(getattr(func, "__qualname__", "attribute").split(".")[0],
-                                          (self.arg(args[0]),))
+            src = args[0]
+            if (src.dim() == 2 and out.dim() == 2 and out.shape == src.shape[::-1] and out.stride() == src.stride()[::-1]
+                    and out.data_ptr() == src.data_ptr()):
+                method = "t"  # ``.T`` / ``.mT`` of a matrix: what inlined layers compute with (``inlined``)
+            else:
+                method = getattr(func, "__qualname__", "attribute").split(".")[0]
+            node = self.graph.call_method(method, (self.arg(src),))
             self.bind(out, node)
             return out
         if name == "__setitem__":  # x[i] = v: x is now the result of an op the analysis does not follow
@@ -180,4 +186,5 @@ def record_graph(model: nn.Module, example: tuple[tuple, dict], is_leaf: Callabl
         for m, mode in modes:
             m.training = mode
     graph.output(tuple(rec.nodes[id(t)] for t in output_tensors(out) if id(t) in rec.nodes))
+    fold_inlined_layers(graph, model, is_leaf)
     return graph
