@@ -230,7 +230,9 @@ def vision_case(name: str, image_size: int = 224) -> Case:
         expose_wrong_shrinks(model, torch.randn(8, 3, side, side))
         return model.eval()
 
-    return Case(name, build, lambda: (torch.randn(1, 3, side, side),), note=f"{side}px")
+    # The example goes to prepare as well: where fx cannot trace the root (inception_v3 and googlenet branch
+    # on self.training), the channel analysis then records that run whole (README, structured pruning).
+    return Case(name, build, lambda: (torch.randn(1, 3, side, side),), pass_example_inputs=True, note=f"{side}px")
 
 
 @functools.lru_cache(maxsize=1)
