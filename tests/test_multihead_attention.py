@@ -234,3 +234,28 @@ def test_transformer_decoder_layer_self_and_cross_attention_lose_heads():
     no_fxprune_leftovers(shrunk)
     with torch.no_grad():
         torch.testing.assert_close(shrunk(x, m), prepared(x, m), atol=1e-5, rtol=1e-4)
+
+
+@settings(max_examples=4, deadline=None)
+@given(norm_first=st.booleans(), batch_first=st.booleans(), seed=st.integers(0, 2**16))
+def test_encoder_layer_on_the_model_input_stream_keeps_the_stream(norm_first, batch_first, seed):
+    # The stream is the model's input, so it cannot be cut; the residual adds inside the layer must block it even
+    # after a LayerNorm of the untracked input (which once let linear2's channels through to the head alone).
+    torch.manual_seed(seed)
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.enc = nn.TransformerEncoderLayer(16, 4, 32, dropout=0.0, norm_first=norm_first,
+                                                  batch_first=batch_first)
+            self.head = nn.Linear(16, 3)
+
+        def forward(self, x):
+            return self.head(self.enc(x))
+
+    x = torch.randn(2, 5, 16) if batch_first else torch.randn(5, 2, 16)
+    prepared, shrunk = prune(Model(), 0.5, (x,))
+    assert shrunk.head.in_features == 16 and shrunk.enc.linear2.out_features == 16
+    assert shrunk.enc.self_attn.num_heads == 2 and shrunk.enc.linear1.out_features == 16
+    with torch.no_grad():
+        torch.testing.assert_close(shrunk(x), prepared(x), atol=1e-5, rtol=1e-4)

@@ -286,6 +286,16 @@ class _Opaque:
 _OPAQUE = _Opaque()
 
 
+def _untracked(x: Any) -> Any:
+    """What a norm or elementwise layer gives for an input whose channels are not tracked.
+
+    The output is as untracked as the input (a graph input stays one; a result
+    of an op the analysis does not follow stays opaque), never "no tensor":
+    adding it to a tracked stream must block that stream, as adding the input would.
+    """
+    return x if isinstance(x, (_Opaque, _GraphInput)) else None
+
+
 class _GraphInput(_Opaque):
     """An input of an analysed graph: the model's own input (``module`` ``""``) or a captured submodule's."""
 
@@ -470,7 +480,7 @@ class _Analysis:
         if isinstance(m, nn.MultiheadAttention):
             return self.multihead_heads(node, m, name, env)
         if isinstance(m, self.elementwise_modules):
-            return x if isinstance(x, (_Chan, _Opaque)) else None
+            return x if isinstance(x, _Chan) else _untracked(x)
         if isinstance(m, nn.Flatten):
             return self.flatten(x, m.start_dim, m.end_dim)
         if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and type(m).forward in (
@@ -484,7 +494,7 @@ class _Analysis:
             return self.conv1d(x, name)
         if type(m) in _BN_DIMS or isinstance(m, nn.BatchNorm1d):
             if not isinstance(x, _Chan):
-                return None
+                return _untracked(x)
             want = _BN_DIMS.get(type(m))
             if want is None:  # BatchNorm1d: (N, C) or (N, C, L)
                 want = -1 if x.ndim == 2 else (-2 if x.ndim == 3 else None)
@@ -819,7 +829,7 @@ class _Analysis:
 
     def layer_norm(self, x: Any, shape: tuple, wname: str | None, bname: str | None, where: str) -> Any:
         if not isinstance(x, _Chan):
-            return None
+            return _untracked(x)
         if x.dim == -1 and len(shape) == 1 and shape[0] == len(x.atoms) and not x.flat:
             for n in (wname, bname):
                 if n is not None:
@@ -839,7 +849,7 @@ class _Analysis:
         A norm called twice couples its two inputs (they share its weights).
         """
         if not isinstance(x, _Chan):
-            return None
+            return _untracked(x)
         want = spec.dim if spec.dim < 0 else (spec.dim - x.ndim if x.ndim is not None else None)
         if x.flat or want != x.dim or len(x.atoms) != spec.size:
             raise _Unsupported(f"{type(self.root.get_submodule(name)).__name__} {name}: cannot tell that it "
