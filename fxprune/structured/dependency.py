@@ -286,16 +286,6 @@ class _Opaque:
 _OPAQUE = _Opaque()
 
 
-def _untracked(x: Any) -> Any:
-    """What a norm or elementwise layer gives for an input whose channels are not tracked.
-
-    The output is as untracked as the input (a graph input stays one; a result
-    of an op the analysis does not follow stays opaque), never "no tensor":
-    adding it to a tracked stream must block that stream, as adding the input would.
-    """
-    return x if isinstance(x, (_Opaque, _GraphInput)) else None
-
-
 class _GraphInput(_Opaque):
     """An input of an analysed graph: the model's own input (``module`` ``""``) or a captured submodule's."""
 
@@ -305,6 +295,17 @@ class _GraphInput(_Opaque):
     def origin(self) -> str:
         return "model input" if not self.module else (
             f"input of module {self.module}, made by code the analysis cannot see")
+
+
+def _untracked(x: Any) -> Any:
+    """What a norm or elementwise layer gives for an input whose channels are not tracked.
+
+    The output is as untracked as the input (a graph input -- an ``_Opaque``
+    too -- stays one; a result of an op the analysis does not follow stays
+    opaque), never "no tensor": adding it to a tracked stream must block that
+    stream, as adding the input would.
+    """
+    return x if isinstance(x, _Opaque) else None
 
 
 @dataclass

@@ -76,18 +76,21 @@ def _size_reads(x: fx.Node, before: fx.Node) -> list[fx.Node]:
     return out
 
 
-def _weight_reads(weight: fx.Node, name: str) -> list[fx.Node]:
-    """Nodes that only inspect the weight inside the masked-weight module (``get_attr``, its ``dim``)."""
+def _weight_reads(reads: dict[str, list[fx.Node]], name: str) -> list[fx.Node]:
+    """Nodes that only inspect the weight inside the masked-weight module (``get_attr``, its ``dim``).
+
+    ``reads`` maps a ``get_attr`` target to its nodes (built once per graph).
+    """
     out = []
-    for node in weight.graph.nodes:
-        if node.op == "get_attr" and node.target == f"{name}.weight":
-            readers = list(node.users)
-            if all(r.op == "call_method" and r.target == "dim" and not r.users for r in readers):
-                out.extend(readers + [node])
+    for node in reads.get(f"{name}.weight", []):
+        readers = list(node.users)
+        if all(r.op == "call_method" and r.target == "dim" and not r.users for r in readers):
+            out.extend(readers + [node])
     return out
 
 
-def _fold_conv1d(addmm: fx.Node, model: nn.Module, is_leaf, erased: set[fx.Node]) -> bool:
+def _fold_conv1d(addmm: fx.Node, model: nn.Module, is_leaf, reads: dict[str, list[fx.Node]],
+                 erased: set[fx.Node]) -> bool:
     """``view(addmm(bias, view(x, -1, in), W), out_shape)`` of a GPT-2 ``Conv1D`` -> ``call_module``."""
     if len(addmm.args) != 3 or addmm.kwargs:
         return False
@@ -104,11 +107,12 @@ def _fold_conv1d(addmm: fx.Node, model: nn.Module, is_leaf, erased: set[fx.Node]
         return False
     if back.meta.get("ndim") != x.meta.get("ndim"):
         return False
-    _replace(back, found[0], x, [addmm, flat, *_size_reads(x, flat), weight, bias, *_weight_reads(weight, found[0])], erased)
+    _replace(back, found[0], x, [addmm, flat, *_size_reads(x, flat), weight, bias, *_weight_reads(reads, found[0])], erased)
     return True
 
 
-def _fold_linear(matmul: fx.Node, model: nn.Module, is_leaf, erased: set[fx.Node]) -> bool:
+def _fold_linear(matmul: fx.Node, model: nn.Module, is_leaf, reads: dict[str, list[fx.Node]],
+                 erased: set[fx.Node]) -> bool:
     """``x @ W.T`` (``+ bias``) of an ``nn.Linear`` subclass that computes ``F.linear`` -> ``call_module``."""
     if len(matmul.args) != 2 or matmul.kwargs or not isinstance(matmul.args[0], fx.Node):
         return False
@@ -128,19 +132,23 @@ def _fold_linear(matmul: fx.Node, model: nn.Module, is_leaf, erased: set[fx.Node
         if add.args[0] is not matmul or not _is_bias(add.args[1], name):
             return False
         last, used = add, [matmul, add.args[1], wt, weight]
-    _replace(last, name, x, [*used, *_weight_reads(weight, name)], erased)
+    _replace(last, name, x, [*used, *_weight_reads(reads, name)], erased)
     return True
 
 
 def fold_inlined_layers(graph: fx.Graph, model: nn.Module, is_leaf: Callable[[nn.Module, str], bool]) -> int:
     """Replace each inlined ``Conv1D`` / linear-layer pattern of ``graph`` by a call of the layer; returns how many."""
     folded, erased = 0, set()
+    reads: dict[str, list[fx.Node]] = {}
+    for node in graph.nodes:
+        if node.op == "get_attr":
+            reads.setdefault(str(node.target), []).append(node)
     for node in list(graph.nodes):
         if node in erased:
             continue
         if node.op == "call_function" and node.target is torch.addmm:
-            folded += _fold_conv1d(node, model, is_leaf, erased)
+            folded += _fold_conv1d(node, model, is_leaf, reads, erased)
         elif (node.op == "call_function" and node.target in _MATMULS) or (
                 node.op == "call_method" and node.target == "matmul"):
-            folded += _fold_linear(node, model, is_leaf, erased)
+            folded += _fold_linear(node, model, is_leaf, reads, erased)
     return folded
