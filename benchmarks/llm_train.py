@@ -10,7 +10,13 @@ The run checkpoints every ``--save-every`` steps under ``benchmarks/.cache/``
 finished model is written as a dense Hugging Face folder both benchmark venvs
 read::
 
-    nice -n 10 /work/main/.venv/bin/python benchmarks/llm_train.py --steps 3000
+    python benchmarks/llm_train.py --steps 9000 --batch 16
+
+Steps run under bfloat16 autocast and ``torch.compile`` by default (``--precision
+fp32 --no-compile`` turns both off): on this 2-core machine that is 0.53 s per
+step of 16 x 256 bytes against 0.8-0.95 s in plain fp32, which is what makes a
+run long enough for the quality target fit in a working session. The master
+weights, optimizer state and the exported model stay fp32.
 """
 
 from __future__ import annotations
@@ -82,7 +88,8 @@ def eval_loss(model, windows: torch.Tensor) -> float:
     return window_losses(model, windows).mean().item()
 
 
-def train(steps: int, batch: int, peak_lr: float, save_every: int, log_every: int) -> None:
+def train(steps: int, batch: int, peak_lr: float, save_every: int, log_every: int,
+          precision: str = "bf16", compile_model: bool = True) -> None:
     CACHE.mkdir(parents=True, exist_ok=True)
     corpus = load_corpus()
     model = build_model()
@@ -99,12 +106,15 @@ def train(steps: int, batch: int, peak_lr: float, save_every: int, log_every: in
     test = sample_windows(corpus.test, 64, SEQ_LEN, torch.Generator().manual_seed(2))
     warmup = min(200, steps // 10)
     model.train()
+    forward = torch.compile(model) if compile_model else model
+    autocast = precision == "bf16"
     t0 = time.time()
     for step in range(start, steps):
         for group in optimizer.param_groups:
             group["lr"] = _lr(step, steps, peak_lr, warmup)
         ids = sample_windows(corpus.train, batch, SEQ_LEN, generator)
-        loss = model(input_ids=ids, labels=ids).loss
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = forward(input_ids=ids, labels=ids).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -139,18 +149,22 @@ def export(directory: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=3000)
-    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--save-every", type=int, default=100)
     parser.add_argument("--log-every", type=int, default=20)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--precision", choices=("bf16", "fp32"), default="bf16",
+                        help="autocast dtype of the training steps (weights stay fp32)")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+                        help="run the training steps through torch.compile")
     parser.add_argument("--export", type=Path, help="only write the last checkpoint's model to this folder")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.export:
         export(args.export)
         return
-    train(args.steps, args.batch, args.lr, args.save_every, args.log_every)
+    train(args.steps, args.batch, args.lr, args.save_every, args.log_every, args.precision, args.compile)
 
 
 if __name__ == "__main__":
