@@ -259,3 +259,62 @@ def test_encoder_layer_on_the_model_input_stream_keeps_the_stream(norm_first, ba
     assert shrunk.enc.self_attn.num_heads == 2 and shrunk.enc.linear1.out_features == 16
     with torch.no_grad():
         torch.testing.assert_close(shrunk(x), prepared(x), atol=1e-5, rtol=1e-4)
+
+
+@settings(max_examples=6, deadline=None)
+@given(nested=st.booleans(), final_norm=st.booleans(), norm_first=st.booleans(), padded=st.booleans(),
+       seed=st.integers(0, 2**16))
+def test_transformer_encoder_container_loses_heads_mlp_units_and_stream(nested, final_norm, norm_first, padded, seed):
+    # nn.TransformerEncoder's forward (mask canonicalisation, nested tensors) is not traceable; the analysis traces
+    # its loop instead, so its layers lose heads, MLP units and the residual stream like hand-stacked ones.
+    torch.manual_seed(seed)
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp = nn.Linear(6, 16)
+            layer = nn.TransformerEncoderLayer(16, 4, 32, dropout=0.0, batch_first=True, norm_first=norm_first)
+            self.enc = nn.TransformerEncoder(layer, 2, norm=nn.LayerNorm(16) if final_norm else None,
+                                             enable_nested_tensor=nested and not norm_first)
+            self.head = nn.Linear(16, 3)
+
+        def forward(self, x, pad=None):
+            return self.head(self.enc(self.inp(x), src_key_padding_mask=pad))
+
+    x = torch.randn(3, 5, 6)
+    pad = torch.tensor([[False] * 5, [False] * 3 + [True] * 2, [False] * 4 + [True]]) if padded else None
+    prepared, shrunk = prune(Model(), 0.5, (x, pad))
+    for layer in shrunk.enc.layers:
+        assert layer.self_attn.num_heads == 2 and layer.linear1.out_features == 16
+        assert layer.linear1.in_features == 8 and layer.linear2.out_features == 8  # the stream is cut too
+    assert shrunk.head.in_features == 8
+    no_fxprune_leftovers(shrunk)
+    with torch.no_grad():  # eval + no_grad: the container may pack a padded batch into a nested tensor
+        out, want = shrunk(x, pad), prepared(x, pad)
+        if pad is not None:  # a nested run leaves padded positions 0; compare the real tokens
+            out, want = out[~pad], want[~pad]
+        torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-4)
+
+
+def test_nn_transformer_encoder_decoder_lose_heads():
+    torch.manual_seed(0)
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.src, self.tgt = nn.Linear(6, 16), nn.Linear(6, 16)
+            self.t = nn.Transformer(16, 4, 1, 1, 32, dropout=0.0, batch_first=True)
+            self.out = nn.Linear(16, 3)
+
+        def forward(self, s, t):
+            mask = nn.Transformer.generate_square_subsequent_mask(t.shape[1])
+            return self.out(self.t(self.src(s), self.tgt(t), tgt_mask=mask))
+
+    s, t = torch.randn(2, 7, 6), torch.randn(2, 5, 6)
+    prepared, shrunk = prune(Model(), 0.5, (s, t))
+    assert shrunk.t.encoder.layers[0].self_attn.num_heads == 2
+    assert shrunk.t.decoder.layers[0].self_attn.num_heads == 2
+    assert shrunk.t.decoder.layers[0].linear1.out_features == 16
+    no_fxprune_leftovers(shrunk)
+    with torch.no_grad():
+        torch.testing.assert_close(shrunk(s, t), prepared(s, t), atol=1e-5, rtol=1e-4)

@@ -268,11 +268,30 @@ def attach_channel_plan(
 
     plan = ChannelPlan(cg, masked_by_name, owner, eligible, reports, tuple(channel_pruners), example)
     _install_norms(prepared, plan)
+    _unpack_transformer_encoders(prepared, covered)
     prepared.__dict__[_ATTR] = plan
     for name, p in owner.items():
         if p in channel_pruners:
             masked_by_name[name].__dict__[_ATTR] = plan
     return plan
+
+
+def _unpack_transformer_encoders(prepared: nn.Module, pruned: set[str]) -> None:
+    """Keep every ``nn.TransformerEncoder`` whose layers lose channels off their nested-tensor path.
+
+    With ``enable_nested_tensor`` (the default), an encoder in eval mode packs
+    a padded batch into a nested tensor, which the masked norms (and, after
+    ``convert``, :class:`~fxprune.structured.multihead.PrunedMultiheadAttention`)
+    cannot take; the packed path is also the fused kernel that assumes the
+    full head count. ``use_nested_tensor = False`` runs the same layers on the
+    padded batch instead: the same outputs at every real token; padded
+    positions hold what the layers compute there rather than the packed
+    path's zeros.
+    """
+    for name, module in prepared.named_modules():
+        if isinstance(module, nn.TransformerEncoder) and getattr(module, "use_nested_tensor", False):
+            if any(t.startswith(f"{name}.") for t in pruned):
+                module.use_nested_tensor = False
 
 
 def _install_norms(prepared: nn.Module, plan: ChannelPlan) -> None:

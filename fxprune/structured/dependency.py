@@ -155,8 +155,10 @@ class ChannelGraph:
 
 
 # --------------------------------------------------------------------- tracing
-#: torch.nn layers the analysis traces into (fx keeps torch.nn modules whole by default).
-TRACED_TORCH_LAYERS = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
+#: torch.nn layers the analysis traces into (fx keeps torch.nn modules whole by default): the transformer
+#: layers and the containers that stack them, which hold nothing but Python around their children.
+TRACED_TORCH_LAYERS = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer, nn.TransformerEncoder,
+                       nn.TransformerDecoder, nn.Transformer)
 
 
 class _ChannelTracer(fx.Tracer):

@@ -167,7 +167,7 @@ def replace_multihead_attention(model: nn.Module, name: str, kept_heads: list[in
 
 
 def layer_slow_path(layer: nn.Module) -> Callable[..., torch.Tensor]:
-    """The forward of an ``nn.TransformerEncoderLayer`` / ``nn.TransformerDecoderLayer`` without its fast path.
+    """The forward of a torch.nn transformer layer (or a container of them) without its fast path.
 
     Their ``forward`` first decides between a fused kernel and plain Python
     by looking at the input (``src.dim()``, ``is_nested``), which fx cannot
@@ -200,4 +200,45 @@ def layer_slow_path(layer: nn.Module) -> Callable[..., torch.Tensor]:
             x = layer.norm2(x + layer._mha_block(x, memory, memory_mask, memory_key_padding_mask, memory_is_causal))
             return layer.norm3(x + layer._ff_block(x))
         return decoder
+    if isinstance(layer, (nn.TransformerEncoder, nn.TransformerDecoder, nn.Transformer)):
+        return _container_slow_path(layer)
     raise TypeError(f"not a transformer layer: {type(layer).__name__}")
+
+
+def _container_slow_path(container: nn.Module) -> Callable[..., torch.Tensor]:
+    """``nn.TransformerEncoder`` / ``nn.TransformerDecoder`` / ``nn.Transformer`` as the Python loop they run.
+
+    Their ``forward`` canonicalises the masks (branching on a mask's dtype),
+    may pack the input into a nested tensor and checks shapes, none of which
+    fx can trace and none of which moves a channel: the analysis traces the
+    loop over the layers (each through :func:`layer_slow_path`) and the final
+    norm, with the masks handed to the layers as given.
+    """
+    if isinstance(container, nn.TransformerEncoder):
+        def encoder(src, mask=None, src_key_padding_mask=None, is_causal=None):
+            x = src
+            for layer in container.layers:
+                x = layer(x, src_mask=mask, src_key_padding_mask=src_key_padding_mask, is_causal=bool(is_causal))
+            return x if container.norm is None else container.norm(x)
+        return encoder
+    if isinstance(container, nn.TransformerDecoder):
+        def decoder(tgt, memory, tgt_mask=None, memory_mask=None, tgt_key_padding_mask=None,
+                    memory_key_padding_mask=None, tgt_is_causal=None, memory_is_causal=False):
+            x = tgt
+            for layer in container.layers:
+                x = layer(x, memory, tgt_mask=tgt_mask, memory_mask=memory_mask,
+                          tgt_key_padding_mask=tgt_key_padding_mask, memory_key_padding_mask=memory_key_padding_mask,
+                          tgt_is_causal=bool(tgt_is_causal), memory_is_causal=memory_is_causal)
+            return x if container.norm is None else container.norm(x)
+        return decoder
+
+    def transformer(src, tgt, src_mask=None, tgt_mask=None, memory_mask=None, src_key_padding_mask=None,
+                    tgt_key_padding_mask=None, memory_key_padding_mask=None, src_is_causal=None,
+                    tgt_is_causal=None, memory_is_causal=False):
+        memory = container.encoder(src, mask=src_mask, src_key_padding_mask=src_key_padding_mask,
+                                   is_causal=src_is_causal)
+        return container.decoder(tgt, memory, tgt_mask=tgt_mask, memory_mask=memory_mask,
+                                 tgt_key_padding_mask=tgt_key_padding_mask,
+                                 memory_key_padding_mask=memory_key_padding_mask, tgt_is_causal=tgt_is_causal,
+                                 memory_is_causal=memory_is_causal)
+    return transformer
