@@ -292,7 +292,29 @@ def vit_small_case() -> Case:
         return torchvision.models.VisionTransformer(image_size=64, patch_size=16, num_layers=4, num_heads=6,
                                                     hidden_dim=384, mlp_dim=1536).eval()
 
-    return Case("vit_small_tv", build, lambda: (torch.randn(1, 3, 64, 64),), note="64px L4 H6 d384")
+    return Case("vit_small_tv", build, lambda: (torch.randn(1, 3, 64, 64),), pass_example_inputs=True,
+                note="64px L4 H6 d384")
+
+
+class _TorchEncoderClassifier(nn.Module):
+    """A text classifier built on ``nn.TransformerEncoder`` (the torch.nn container, nested tensors allowed)."""
+
+    def __init__(self, vocab: int = 1000, hidden: int = 256, layers: int = 4, heads: int = 8, ff: int = 1024):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, hidden)
+        layer = nn.TransformerEncoderLayer(hidden, heads, ff, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, layers, norm=nn.LayerNorm(hidden))
+        self.head = nn.Linear(hidden, 1000)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(self.embed(ids)).mean(dim=1))
+
+
+def torch_encoder_case() -> Case:
+    """:class:`_TorchEncoderClassifier`: 4 ``nn.TransformerEncoderLayer`` of d256, 8 heads, in the container."""
+    return Case("torch_encoder", lambda: _TorchEncoderClassifier().eval(),
+                lambda: (torch.randint(0, 1000, (1, 32)),), pass_example_inputs=True,
+                note="nn.TransformerEncoder L4 H8 d256")
 
 
 #: The Hugging Face tiny-config zoo: (class name, config class, config kwargs, input kind). Random init, 2 layers.
@@ -346,7 +368,7 @@ def hf_case(name: str) -> Case:
 
 
 #: Cases besides the torchvision classifiers (``--only`` names them; ``--hf-zoo`` runs the HF zoo).
-EXTRA_CASES: tuple[str, ...] = ("vit_small_tv", "bert", "llama", *HF_ZOO)
+EXTRA_CASES: tuple[str, ...] = ("vit_small_tv", "torch_encoder", "bert", "llama", *HF_ZOO)
 
 
 def make_case(name: str, image_size: int = 224) -> Case:
@@ -357,6 +379,8 @@ def make_case(name: str, image_size: int = 224) -> Case:
         return llama_case()
     if name == "vit_small_tv":
         return vit_small_case()
+    if name == "torch_encoder":
+        return torch_encoder_case()
     if name in HF_ZOO:
         return hf_case(name)
     if name in torchvision_classifiers():

@@ -52,8 +52,13 @@ def count_macs(model: nn.Module, x: tuple) -> int:
     usual MACs tables.
     """
     counter = FlopCounterMode(display=False)
-    with torch.no_grad(), counter:
-        model(*x)
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)  # torch.nn's fused transformer kernels count no FLOPs
+    try:
+        with torch.no_grad(), counter:
+            model(*x)
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
     return counter.get_total_flops() // 2
 
 

@@ -21,6 +21,7 @@ from fxprune.structured.norms import NormSpec, install_masked_norm
 from fxprune.structured.record import record_graph
 from fxprune.structured.reasons import plain_reason
 from fxprune.structured.head_layout import is_conv1d
+from fxprune.trace import leaving_no_trace
 from fxprune.structured.dependency import (
     _acts_as_linear,
     OUT_BLOCK,
@@ -355,11 +356,55 @@ def _graphs(prepared: fx.GraphModule, attention: AttentionMemo, untraced: dict[s
             pass
     if report.traced:
         hidden = list(report.fallback_leaves)
-        yield _root_graph(prepared, attention, hidden), ""
+        graph = _root_graph(prepared, attention, hidden)
+        if example is not None:
+            _annotate_ranks(prepared if graph is prepared.graph else prepared._fxprune_original.module, graph,
+                            example)
+        yield graph, ""
     else:
         hidden = [""]
     for name in hidden:
         yield from _trace_down(prepared, name, attention, untraced)
+
+
+def _annotate_ranks(root: nn.Module, graph: fx.Graph, example: tuple[tuple, dict]) -> None:
+    """Write each node's tensor rank into ``node.meta["ndim"]`` by running ``graph`` on the example.
+
+    A traced graph does not know ranks, so a reduction written with a
+    positive dim (``x.mean(dim=1)`` pooling a ``(batch, seq, channels)``
+    stream) cannot be placed relative to the channel dim and would block the
+    stream; a recorded graph has the ranks already. Without an example, or if
+    the graph does not run on it, nothing is annotated and such reductions
+    stay blocked.
+    """
+    args, kwargs = example
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    inputs = []
+    for i, node in enumerate(placeholders):
+        if i < len(args):
+            inputs.append(args[i])
+        elif node.target in kwargs:
+            inputs.append(kwargs[node.target])
+        elif node.args:
+            inputs.append(node.args[0])
+        else:
+            return
+
+    class _Ranks(fx.Interpreter):
+        def run_node(self, n: fx.Node):
+            out = super().run_node(n)
+            if isinstance(out, torch.Tensor):
+                n.meta["ndim"] = out.dim()
+            return out
+
+    try:
+        with torch.no_grad(), leaving_no_trace(root), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            runnable = root if isinstance(root, fx.GraphModule) and root.graph is graph else fx.GraphModule(root, graph)
+            _Ranks(runnable).run(*inputs)
+    except Exception:  # noqa: BLE001 - ranks are a refinement; the analysis works without them
+        for n in graph.nodes:
+            n.meta.pop("ndim", None)
 
 
 def _leaf_rule(attention: AttentionMemo):

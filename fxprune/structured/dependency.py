@@ -310,6 +310,33 @@ def _untracked(x: Any) -> Any:
     return x if isinstance(x, _Opaque) else None
 
 
+def _opaque_input(node: fx.Node, env: dict) -> Any:
+    """For a node known to give a tensor but analysed as "no tensor": its first untracked input, else None.
+
+    Ops the analysis does not model (``permute``/``expand``/``cat`` of an
+    untracked tensor, say) give None, which reads as a constant; where the
+    graph's ranks show the result is a tensor computed from an untracked one
+    (a patch embedding behind a reshape, with a class token concatenated), it
+    is as untracked as that input, so a residual add with it blocks the
+    stream. Only annotated graphs (recorded, or traced with an example) know
+    which nodes give tensors.
+    """
+    def first(v: Any) -> Any:
+        if isinstance(v, _Opaque):
+            return v
+        if isinstance(v, (list, tuple)):
+            return next((o for o in map(first, v) if o is not None), None)
+        if isinstance(v, dict):
+            return next((o for o in map(first, v.values()) if o is not None), None)
+        return None
+
+    for inp in node.all_input_nodes:
+        found = first(env.get(inp))
+        if found is not None:
+            return found
+    return None
+
+
 @dataclass
 class _Tuple:
     """A module output that is a tuple (``(context, attention weights)`` of an attention module)."""
@@ -425,6 +452,8 @@ class _Analysis:
                 env[node] = value = self.visit(node, env, prefix)
                 if isinstance(value, _Chan) and value.ndim is None and "ndim" in node.meta:  # a recorded run's
                     env[node] = _Chan(value.dim, value.atoms, node.meta["ndim"], value.flat)
+                elif value is None and "ndim" in node.meta and node.op.startswith("call_"):
+                    env[node] = _opaque_input(node, env)
             except _Unsupported as e:
                 tracked = any(_chans(env.get(inp)) for inp in node.all_input_nodes)
                 self.block_inputs(node, env, e.reason)
