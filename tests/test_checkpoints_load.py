@@ -61,17 +61,41 @@ def wide_tensors(draw) -> torch.Tensor:
     return t
 
 
+def raw_bits(t: torch.Tensor) -> torch.Tensor:
+    """:func:`bits`, for 1-byte dtypes too."""
+    return t.contiguous().view(torch.uint8) if t.element_size() == 1 else bits(t)
+
+
+@st.composite
+def byte_tensors(draw) -> torch.Tensor:
+    """1-byte elements (int8, uint8, bool): rows long enough for the kernel's 64-element chunks."""
+    rows, cols = draw(st.integers(1, 5)), draw(st.integers(1, 200))
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**31)))
+    dtype = draw(st.sampled_from([torch.int8, torch.uint8, torch.bool]))
+    t = torch.randint(-128 if dtype is torch.int8 else 0, 128 if dtype is torch.int8 else 2, (rows, cols),
+                      generator=g).to(dtype)
+    t[torch.rand(t.shape, generator=g) < draw(st.floats(0, 1))] = 0
+    return t
+
+
 @SETTINGS
-@given(st.one_of(wide_tensors(), sparse_tensors()), st.sampled_from([8, 16, 24, 64, codec.DECODE_STEP]))
-def test_stepwise_decode_matches_the_element_by_element_oracle(t, step):
+@given(st.one_of(wide_tensors(), sparse_tensors(), byte_tensors()), st.sampled_from([8, 16, 24, 64, codec.DECODE_STEP]),
+       st.sampled_from([False, True]))
+def test_decoders_match_the_element_by_element_oracle(t, step, native):
+    # native: the C kernel (AVX-512 expand-loads in chunks of 8-64 elements, a scalar tail); else torch ops.
     parts = codec.encode_bitmask(t)
     shape = list(t.shape)
     expected = oracle_decode(parts["compressed"], parts["bitmask"], shape)
-    assert torch.equal(bits(expected), bits(canonical(t)))
-    out = torch.full(shape, 7.0, dtype=t.dtype)  # every element must be written, zeros included
-    codec.decode_bitmask_into(out, parts["compressed"], parts["bitmask"], step=step)
-    assert torch.equal(bits(out), bits(expected))
+    assert torch.equal(raw_bits(expected), raw_bits(canonical(t)))
+    out = torch.full(shape, 7, dtype=t.dtype)  # every element must be written, zeros included
+    codec.decode_bitmask_into(out, parts["compressed"], parts["bitmask"], step=step, native=native)
+    assert torch.equal(raw_bits(out), raw_bits(expected))
     codec.check_parts("bitmask", parts, shape, t.dtype)  # the values match the bitmask's count
+
+
+def test_the_c_kernel_is_built():
+    # scripts/setup.sh installs with a C compiler; the kernel is optional only where there is none.
+    assert codec.native_expand() is not None
 
 
 def test_decode_ignores_padding_bits_and_refuses_short_values():
@@ -83,8 +107,10 @@ def test_decode_ignores_padding_bits_and_refuses_short_values():
     assert torch.equal(codec.decode_bitmask(parts["compressed"], padded, [2, 3]), t)
     with pytest.raises(ValueError, match="2 values of torch.float32; the bitmask parts need 3"):
         codec.check_parts("bitmask", {"compressed": parts["compressed"][:2], "bitmask": padded}, [2, 3], torch.float32)
-    with pytest.raises(ValueError, match="more elements than the 2 values"):
-        codec.decode_bitmask_into(torch.empty(2, 3), parts["compressed"][:2], padded)
+    for native in (False, True):
+        assert torch.equal(codec.decode_bitmask_into(torch.empty(2, 3), parts["compressed"], padded, native=native), t)
+        with pytest.raises(ValueError, match="more elements than the 2 values"):
+            codec.decode_bitmask_into(torch.empty(2, 3), parts["compressed"][:2], padded, native=native)
     with pytest.raises(ValueError, match="contiguous CPU tensor"):
         codec.decode_bitmask_into(torch.empty(3, 2).t(), parts["compressed"], padded)
 

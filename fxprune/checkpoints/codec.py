@@ -26,7 +26,9 @@ NaN and infinities included, comes back bit for bit. The bits are packed by
 numpy's ``packbits`` / ``unpackbits`` (a hundred times faster on CPU than the
 same shifts written in torch ops), everything else is torch.
 
-Decoding is what loading costs, so :func:`decode_bitmask_into` avoids the
+Decoding is what loading costs. Where the optional C kernel was built at
+install time (``fxprune/checkpoints/_expand.c``: one pass, AVX-512 expand-loads
+where the CPU has them), :func:`decode_bitmask_into` uses it. Otherwise it avoids the
 per-element scatter (``masked_scatter_``, 10-20 ns a kept value on CPU): in
 steps of :data:`DECODE_STEP` elements (small enough for the step's mask and
 ranks to stay in cache), the running count of kept elements (a cumulative sum
@@ -54,6 +56,7 @@ __all__ = [
     "encode_bitmask",
     "decode_bitmask",
     "decode_bitmask_into",
+    "native_expand",
     "count_kept_bits",
     "DECODE_STEP",
     "encode_bitmask_24",
@@ -170,16 +173,28 @@ def _steps(rows: int, cols: int, step: int):
             yield r * cols, n_rows * cols, slice(r * width, (r + n_rows) * width), cols
 
 
+def native_expand():
+    """The C kernel's ``expand`` (``fxprune/checkpoints/_expand.c``), or None where it was not built."""
+    try:
+        from fxprune.checkpoints._expand import expand
+    except ImportError:
+        return None
+    return expand
+
+
 def decode_bitmask_into(
-    out: torch.Tensor, compressed: torch.Tensor, bitmask: torch.Tensor, *, step: int = DECODE_STEP
+    out: torch.Tensor, compressed: torch.Tensor, bitmask: torch.Tensor, *, step: int = DECODE_STEP,
+    native: bool | None = None,
 ) -> torch.Tensor:
     """Write the dense tensor of a bitmask encoding into ``out`` (plain or 2:4) and return ``out``.
 
     ``out`` is a contiguous CPU tensor of the dense shape and ``compressed``'s
     dtype (a model's parameter, or fresh ``torch.empty``: every element is
     written). The number of values must match the bitmask
-    (:func:`count_kept_bits`); a short ``compressed`` raises before the step it lacks.
-    ``step`` (a multiple of 8) is the elements per step. See the module docstring for the method.
+    (:func:`count_kept_bits`); a short ``compressed`` raises before the step (or row) it lacks.
+    ``native``: None uses the C kernel where it was built, True requires it, False
+    decodes with torch ops in steps of ``step`` elements (a multiple of 8); both give
+    the same bits. See the module docstring for the method.
     """
     import numpy
 
@@ -189,9 +204,17 @@ def decode_bitmask_into(
         raise ValueError("decode_bitmask_into: out must be a contiguous CPU tensor of the values' dtype")
     rows, cols = _rows_cols(out.shape)
     ints = _INT_OF_SIZE[out.element_size()]
-    dst = out.view(-1).view(ints)
-    src = compressed.reshape(-1).contiguous().view(ints)
+    dst = out.detach().view(-1).view(ints)
+    src = compressed.detach().reshape(-1).contiguous().view(ints)
     packed = bitmask.contiguous().numpy().reshape(-1)
+    expand = native_expand() if native is not False else None
+    if native and expand is None:
+        raise RuntimeError("decode_bitmask_into(native=True): the C kernel fxprune.checkpoints._expand is not built")
+    if expand is not None and dst.numel():
+        if packed.size < rows * ((cols + 7) // 8):
+            raise ValueError(f"bitmask of {packed.size} bytes is too short for a [{rows}, {cols}] tensor")
+        expand(dst.numpy(), src.numpy(), packed, rows, cols)
+        return out
     ranks_buf = torch.empty(max(1, min(step, rows * cols)), dtype=torch.int32)
     zero = src.new_zeros(1)
     base = 0
