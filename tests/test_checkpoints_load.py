@@ -95,7 +95,9 @@ def test_decoders_match_the_element_by_element_oracle(t, step, native):
 
 def test_the_c_kernel_is_built():
     # scripts/setup.sh installs with a C compiler; the kernel is optional only where there is none.
-    assert codec.native_expand() is not None
+    assert codec.native_expand() is not None, (
+        "fxprune.checkpoints._expand was not built: reinstall (pip install -e .) where a C compiler and the Python "
+        "headers are present")
 
 
 def test_decode_ignores_padding_bits_and_refuses_short_values():
