@@ -15,8 +15,8 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections import OrderedDict
-from concurrent.futures import ThreadPoolExecutor
+import threading
+from collections import OrderedDict, deque
 from functools import partial
 from typing import Callable, Iterable
 
@@ -221,15 +221,41 @@ def _copy_in_steps(out: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
 
 
 def _run(jobs: list[Callable[[], object]]) -> None:
-    """Run the decode jobs on ``torch.get_num_threads()`` threads (numpy and torch release the GIL)."""
-    workers = min(torch.get_num_threads(), len(jobs))
-    if workers <= 1:
+    """Run the decode jobs (largest first) on ``torch.get_num_threads()`` threads, the calling one included.
+
+    The helper threads take jobs from the large end and the calling thread from
+    the small end, so the many small tensors of a CNN (BatchNorm vectors) cost
+    no hand-off to a pool, which took longer than decoding them; the C kernel,
+    numpy and torch release the GIL, so large tensors decode in parallel.
+    """
+    helpers = min(torch.get_num_threads(), len(jobs)) - 1
+    if helpers <= 0:
         for job in jobs:
             job()
         return
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fxprune-load") as pool:
-        for future in [pool.submit(job) for job in jobs]:
-            future.result()
+    queue = deque(jobs)
+    errors: list[BaseException] = []
+
+    def work(take: Callable[[], Callable[[], object]]) -> None:
+        while not errors:
+            try:
+                job = take()
+            except IndexError:  # the queue is empty
+                return
+            try:
+                job()
+            except BaseException as e:  # noqa: BLE001 - re-raised in the calling thread
+                errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(queue.popleft,), name="fxprune-load", daemon=True)
+               for _ in range(helpers)]
+    for t in threads:
+        t.start()
+    work(queue.pop)
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
 
 
 def _rebuild(entry: dict, tensors: dict[str, torch.Tensor], out: torch.Tensor | None = None) -> torch.Tensor:
