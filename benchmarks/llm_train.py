@@ -13,7 +13,7 @@ read::
     python benchmarks/llm_train.py --steps 9000 --batch 16
 
 Steps run under bfloat16 autocast and ``torch.compile`` by default (``--precision
-fp32 --no-compile`` turns both off): on this 2-core machine that is 0.53 s per
+fp32 --no-compile`` turns both off): on this 2-core machine that is 0.53-0.70 s per
 step of 16 x 256 bytes against 0.8-0.95 s in plain fp32, which is what makes a
 run long enough for the quality target fit in a working session. The master
 weights, optimizer state and the exported model stay fp32.
