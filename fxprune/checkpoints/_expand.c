@@ -20,11 +20,11 @@
 #define FXP_X86 1
 #endif
 
-/* Scalar expansion of elements [c0, c1) of one row from `avail` (> 0) values; returns the values consumed.
+/* Scalar expansion of elements [c0, c1) of one row from the `avail` (> 0) values they mark.
  * Branch-free: every element reads a value (clamped to the last one, so never past the row's values) and
  * keeps it or zero. */
 #define SCALAR_ROW(T)                                                                               \
-    static Py_ssize_t scalar_##T(T *dst, const T *src, Py_ssize_t avail, const uint8_t *bits,         \
+    static void scalar_##T(T *dst, const T *src, Py_ssize_t avail, const uint8_t *bits,         \
                                  Py_ssize_t c0, Py_ssize_t c1) {                                    \
         Py_ssize_t k = 0;                                                                           \
         for (Py_ssize_t c = c0; c < c1; c++) {                                                      \
@@ -32,7 +32,6 @@
             dst[c] = src[k < avail ? k : avail - 1] & ((T)0 - bit);                                 \
             k += bit;                                                                               \
         }                                                                                           \
-        return k;                                                                                   \
     }
 SCALAR_ROW(uint8_t)
 SCALAR_ROW(uint16_t)
@@ -92,9 +91,11 @@ static PyObject *expand(PyObject *self, PyObject *args) {
     Py_ssize_t size = dst.itemsize, bpr = (cols + 7) / 8;
     if (size != src.itemsize || (size != 1 && size != 2 && size != 4 && size != 8)) {
         PyErr_SetString(PyExc_ValueError, "expand: dst and src must share an item size of 1, 2, 4 or 8 bytes");
-    } else if (rows < 0 || cols < 0 || dst.len != rows * cols * size || bits.len < rows * bpr ||
-               src.len % size) {
+    } else if (rows < 0 || cols < 0 || dst.len != rows * cols * size || src.len % size) {
         PyErr_SetString(PyExc_ValueError, "expand: buffer sizes do not match rows and cols");
+    } else if (bits.len < rows * bpr) {
+        PyErr_Format(PyExc_ValueError, "bitmask of %zd bytes is too short for a [%zd, %zd] tensor", bits.len, rows,
+                     cols);
     } else {
         Py_ssize_t nsrc = src.len / size, k = 0, bad_row = -1;
         Py_BEGIN_ALLOW_THREADS
@@ -158,10 +159,5 @@ PyMODINIT_FUNC PyInit__expand(void) {
     use_avx512f = !!__builtin_cpu_supports("avx512f");
     use_vbmi2 = use_avx512f && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vbmi2");
 #endif
-    PyObject *m = PyModule_Create(&module);
-    if (m != NULL && PyModule_AddIntConstant(m, "AVX512", use_avx512f + use_vbmi2) < 0) {
-        Py_DECREF(m);
-        return NULL;
-    }
-    return m;
+    return PyModule_Create(&module);
 }

@@ -358,8 +358,7 @@ def _graphs(prepared: fx.GraphModule, attention: AttentionMemo, untraced: dict[s
         hidden = list(report.fallback_leaves)
         graph = _root_graph(prepared, attention, hidden)
         if example is not None:
-            _annotate_ranks(prepared if graph is prepared.graph else prepared._fxprune_original.module, graph,
-                            example)
+            _annotate_ranks(prepared, graph, example)
         yield graph, ""
     else:
         hidden = [""]
@@ -367,20 +366,30 @@ def _graphs(prepared: fx.GraphModule, attention: AttentionMemo, untraced: dict[s
         yield from _trace_down(prepared, name, attention, untraced)
 
 
-def _annotate_ranks(root: nn.Module, graph: fx.Graph, example: tuple[tuple, dict]) -> None:
+class _Ranks(fx.Interpreter):
+    """Runs a graph and writes each node's tensor rank into ``node.meta["ndim"]``."""
+
+    def run_node(self, n: fx.Node):
+        out = super().run_node(n)
+        if isinstance(out, torch.Tensor):
+            n.meta["ndim"] = out.dim()
+        return out
+
+
+def _annotate_ranks(prepared: fx.GraphModule, graph: fx.Graph, example: tuple[tuple, dict]) -> None:
     """Write each node's tensor rank into ``node.meta["ndim"]`` by running ``graph`` on the example.
 
     A traced graph does not know ranks, so a reduction written with a
     positive dim (``x.mean(dim=1)`` pooling a ``(batch, seq, channels)``
     stream) cannot be placed relative to the channel dim and would block the
-    stream; a recorded graph has the ranks already. Without an example, or if
-    the graph does not run on it, nothing is annotated and such reductions
-    stay blocked.
+    stream; a recorded graph has the ranks already. ``graph`` is ``prepare``'s
+    own or a trace of the original module (:func:`_root_graph`). Without an
+    example, or if the graph does not run on it, nothing is annotated and such
+    reductions stay blocked.
     """
     args, kwargs = example
-    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     inputs = []
-    for i, node in enumerate(placeholders):
+    for i, node in enumerate(n for n in graph.nodes if n.op == "placeholder"):
         if i < len(args):
             inputs.append(args[i])
         elif node.target in kwargs:
@@ -389,19 +398,11 @@ def _annotate_ranks(root: nn.Module, graph: fx.Graph, example: tuple[tuple, dict
             inputs.append(node.args[0])
         else:
             return
-
-    class _Ranks(fx.Interpreter):
-        def run_node(self, n: fx.Node):
-            out = super().run_node(n)
-            if isinstance(out, torch.Tensor):
-                n.meta["ndim"] = out.dim()
-            return out
-
+    root = prepared if graph is prepared.graph else prepared._fxprune_original.module
     try:
         with torch.no_grad(), leaving_no_trace(root), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            runnable = root if isinstance(root, fx.GraphModule) and root.graph is graph else fx.GraphModule(root, graph)
-            _Ranks(runnable).run(*inputs)
+            _Ranks(root if root is prepared else fx.GraphModule(root, graph)).run(*inputs)
     except Exception:  # noqa: BLE001 - ranks are a refinement; the analysis works without them
         for n in graph.nodes:
             n.meta.pop("ndim", None)
