@@ -128,21 +128,27 @@ def _rows_cols(shape: list[int] | torch.Size) -> tuple[int, int]:
     return rows, (math.prod(shape) // rows if rows else 0)
 
 
-def count_kept_bits(bitmask: torch.Tensor, cols: int) -> int:
+def count_kept_bits(bitmask: torch.Tensor, cols: int, *, native: bool | None = None) -> int:
     """Number of set bits of a ``[rows, ceil(cols / 8)]`` bitmask, the padding bits of each row aside.
 
     What a bitmask's ``compressed`` part must hold; checked before a load writes anything.
+    ``native`` as for :func:`decode_bitmask_into` (numpy counts where the C kernel is not used).
     """
     import numpy
 
     packed = bitmask.contiguous().numpy()
     if packed.size == 0:
         return 0
+    packed = packed.reshape(packed.shape[0], -1) if packed.ndim else packed.reshape(1, 1)
+    count = _native("count") if native is not False else None
+    if native and count is None:
+        raise RuntimeError("count_kept_bits(native=True): the C kernel fxprune.checkpoints._expand is not built")
+    if count is not None:
+        return count(packed.reshape(-1), packed.shape[0], cols)
     popcount = getattr(numpy, "bitwise_count", None)  # numpy >= 2; a table below that
     if popcount is None:
         table = numpy.array([bin(i).count("1") for i in range(256)], dtype=numpy.uint8)
         popcount = table.take
-    packed = packed.reshape(packed.shape[0], -1) if packed.ndim else packed.reshape(1, 1)
     if cols % 8:
         whole = int(popcount(packed[:, :-1]).sum(dtype=numpy.int64))
         return whole + int(popcount(packed[:, -1] & ((1 << (cols % 8)) - 1)).sum(dtype=numpy.int64))
@@ -173,13 +179,18 @@ def _steps(rows: int, cols: int, step: int):
             yield r * cols, n_rows * cols, slice(r * width, (r + n_rows) * width), cols
 
 
-def native_expand():
-    """The C kernel's ``expand`` (``fxprune/checkpoints/_expand.c``), or None where it was not built."""
+def _native(name: str):
+    """A function of the C kernel (``fxprune/checkpoints/_expand.c``), or None where it was not built."""
     try:
-        from fxprune.checkpoints._expand import expand
+        from fxprune.checkpoints import _expand
     except ImportError:
         return None
-    return expand
+    return getattr(_expand, name)
+
+
+def native_expand():
+    """The C kernel's ``expand``, or None where it was not built."""
+    return _native("expand")
 
 
 def decode_bitmask_into(
