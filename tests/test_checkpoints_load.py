@@ -7,6 +7,7 @@ computed state_dict entry, a non-contiguous parameter), with tied weights.
 """
 from __future__ import annotations
 
+import gc
 import json
 
 import pytest
@@ -16,7 +17,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import fxprune
-from fxprune.checkpoints import codec
+from fxprune.checkpoints import codec, sparse_file
 from fxprune.checkpoints.in_place import writable_in_place
 from fxprune.errors import PruningError
 from test_checkpoints import DTYPES, bits, canonical, sparse_tensors
@@ -80,17 +81,27 @@ def byte_tensors(draw) -> torch.Tensor:
 
 @SETTINGS
 @given(st.one_of(wide_tensors(), sparse_tensors(), byte_tensors()), st.sampled_from([8, 16, 24, 64, codec.DECODE_STEP]),
-       st.sampled_from([False, True]))
-def test_decoders_match_the_element_by_element_oracle(t, step, native):
-    # native: the C kernel (AVX-512 expand-loads in chunks of 8-64 elements, a scalar tail); else torch ops.
+       st.sampled_from([False, True]), st.sampled_from([0, 0, 1, 3]))
+def test_decoders_match_the_element_by_element_oracle(t, step, native, offset):
+    # native: the C kernel (AVX-512 expand-loads in chunks of 8-64 elements, streaming stores where the output is
+    # 64-byte aligned, a scalar tail); else torch ops. offset > 0: the output starts off alignment (a view).
     parts = codec.encode_bitmask(t)
     shape = list(t.shape)
     expected = oracle_decode(parts["compressed"], parts["bitmask"], shape)
     assert torch.equal(raw_bits(expected), raw_bits(canonical(t)))
-    out = torch.full(shape, 7, dtype=t.dtype)  # every element must be written, zeros included
+    out = torch.full([t.numel() + offset], 7, dtype=t.dtype)[offset:].view(shape)  # every element must be written
     codec.decode_bitmask_into(out, parts["compressed"], parts["bitmask"], step=step, native=native)
     assert torch.equal(raw_bits(out), raw_bits(expected))
     codec.check_parts("bitmask", parts, shape, t.dtype)  # the values match the bitmask's count
+
+
+@SETTINGS
+@given(st.integers(0, 9), st.integers(0, 200), st.integers(0, 2**31), st.sampled_from([False, True]))
+def test_bit_counts_skip_row_padding(rows, cols, seed, native):
+    g = torch.Generator().manual_seed(seed)
+    packed = torch.randint(0, 256, (rows, (cols + 7) // 8), generator=g, dtype=torch.uint8)  # padding bits set too
+    expected = sum(int(packed[r, c // 8]) >> (c % 8) & 1 for r in range(rows) for c in range(cols))
+    assert codec.count_kept_bits(packed, cols, native=native) == expected
 
 
 def test_the_c_kernel_is_built():
@@ -289,3 +300,52 @@ def test_a_damaged_file_fails_before_anything_is_written(tmp_path, damage):
     with pytest.raises(PruningError, match=r"m\.safetensors: (0|1)\.weight|extra is tied"):
         fxprune.load_sparse(path, target)
     assert all(torch.equal(v, before[k]) for k, v in target.state_dict().items())
+
+
+MAPPED_DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.int16,
+                 torch.int8, torch.uint8, torch.bool]
+
+
+@SETTINGS
+@given(st.lists(st.tuples(st.sampled_from(MAPPED_DTYPES + [torch.float8_e4m3fn, torch.complex64]),
+                          st.lists(st.integers(0, 5), max_size=3)), min_size=1, max_size=6), st.integers(0, 2**31))
+def test_the_mapped_reader_gives_what_safetensors_gives(tmp_path_factory, specs, seed):
+    # Views of one copy-on-write mapping, or safetensors' own loader for a dtype outside the table (fp8, complex).
+    from safetensors.torch import load_file, save_file
+
+    g = torch.Generator().manual_seed(seed)
+    tensors = {f"t{i}": (torch.randn(shape, generator=g) * 50).to(dtype) for i, (dtype, shape) in enumerate(specs)}
+    path = str(tmp_path_factory.mktemp("map") / "f.safetensors")
+    save_file(tensors, path)
+    mapped, reference = sparse_file._mapped_tensors(path), load_file(path)
+    assert mapped.keys() == reference.keys()
+
+    def raw(t: torch.Tensor) -> torch.Tensor:
+        return t.reshape(-1).view(torch.uint8)
+
+    for key, t in mapped.items():
+        assert t.dtype == reference[key].dtype and t.shape == reference[key].shape
+        assert torch.equal(raw(t), raw(reference[key])), key
+    for key, t in mapped.items():
+        raw(t).fill_(7)  # a private mapping: writing a loaded tensor leaves the file as it was
+        assert torch.equal(raw(load_file(path)[key]), raw(reference[key]))
+
+
+def test_loading_leaves_no_reference_cycle(tmp_path):
+    # A cycle would keep the file's mapping (and every part) alive until the collector runs, and charge its
+    # work to whatever allocates next.
+    model = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 64, bias=False))
+    model[1].weight = model[0].weight
+    with torch.no_grad():
+        model[0].weight.mul_(torch.rand(64, 64) > 0.5)
+    fxprune.save_sparse(model, tmp_path / "m.safetensors")
+    gc.collect()
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        fxprune.load_sparse(tmp_path / "m.safetensors", model)
+        fxprune.load_sparse_state_dict(tmp_path / "m.safetensors")
+        assert gc.collect() == 0
+    finally:
+        if was_enabled:
+            gc.enable()
