@@ -17,7 +17,8 @@ from hypothesis import strategies as st
 from torch import nn
 
 import fxprune
-from fxprune.checkpoints import codec, sparse_file
+from fxprune.checkpoints import codec
+from fxprune.checkpoints.mapped_file import read_safetensors
 from fxprune.checkpoints.in_place import writable_in_place
 from fxprune.errors import PruningError
 from test_checkpoints import DTYPES, bits, canonical, sparse_tensors
@@ -317,7 +318,7 @@ def test_the_mapped_reader_gives_what_safetensors_gives(tmp_path_factory, specs,
     tensors = {f"t{i}": (torch.randn(shape, generator=g) * 50).to(dtype) for i, (dtype, shape) in enumerate(specs)}
     path = str(tmp_path_factory.mktemp("map") / "f.safetensors")
     save_file(tensors, path)
-    mapped, reference = sparse_file._mapped_tensors(path), load_file(path)
+    mapped, reference = read_safetensors(path)[1], load_file(path)
     assert mapped.keys() == reference.keys()
 
     def raw(t: torch.Tensor) -> torch.Tensor:

@@ -40,6 +40,7 @@ from torch import nn
 
 from fxprune.checkpoints import codec
 from fxprune.checkpoints.extras import require
+from fxprune.checkpoints.mapped_file import read_safetensors
 from fxprune.checkpoints.sparse_file import (
     storage_key,
     check_not_prepared,
@@ -191,7 +192,6 @@ def save_pretrained(model: nn.Module, directory: str | os.PathLike, **save_kwarg
 
 
 def _read_folder_tensors(directory: str) -> dict[str, torch.Tensor]:
-    safetensors = require("safetensors")
     index = os.path.join(directory, "model.safetensors.index.json")
     if os.path.isfile(index):
         with open(index) as f:
@@ -202,8 +202,7 @@ def _read_folder_tensors(directory: str) -> dict[str, torch.Tensor]:
         raise FileNotFoundError(f"{directory}: no {SINGLE_FILE} or model.safetensors.index.json")
     tensors = {}
     for name in files:
-        with safetensors.safe_open(os.path.join(directory, name), framework="pt") as f:
-            tensors.update({k: f.get_tensor(k) for k in f.keys()})
+        tensors.update(read_safetensors(os.path.join(directory, name))[1])
     return tensors
 
 

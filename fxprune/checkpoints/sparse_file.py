@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import json
 import math
-import mmap
 import os
-import struct
 import threading
 from collections import OrderedDict, deque
 from functools import partial
@@ -28,6 +26,7 @@ from torch import nn
 from fxprune.checkpoints import codec
 from fxprune.checkpoints.extras import require
 from fxprune.checkpoints.in_place import writable_in_place
+from fxprune.checkpoints.mapped_file import read_safetensors
 from fxprune.errors import PruningError
 
 __all__ = [
@@ -164,58 +163,18 @@ def save_sparse(model: nn.Module | dict[str, torch.Tensor], path: str | os.PathL
     return write_state_dict(state_dict, path)
 
 
-# safetensors' dtype names; a file holding any other dtype is read by safetensors.torch.load_file instead.
-_SAFETENSORS_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
-}
-
-
-def _mapped_tensors(path: str) -> dict[str, torch.Tensor]:
-    """The tensors of a safetensors file, as views of one copy-on-write memory mapping of the whole file.
-
-    Called once safetensors' own ``safe_open`` has opened the file, which checks
-    its header, offsets and sizes. Why not ``safetensors.torch.load_file``: it
-    builds every tensor through torch storage slicing in Python, about 25 µs a
-    tensor: 19 ms for resnet50's 700 parts, more than decoding them. Here a
-    tensor is a view (a few µs), its pages are read on first touch, and, the
-    mapping being private, writing a returned tensor never changes the file.
-    """
-    with open(path, "rb") as f:
-        (length,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(length))
-        header.pop("__metadata__", None)
-        if any(info["dtype"] not in _SAFETENSORS_DTYPES for info in header.values()):
-            return require("safetensors.torch").load_file(path)
-        mapping = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
-    start = 8 + length
-    if len(mapping) > start:
-        data = torch.frombuffer(mapping, dtype=torch.uint8, offset=start)
-    else:  # no tensor data: frombuffer refuses an empty buffer
-        data = torch.empty(0, dtype=torch.uint8)
-    tensors = {}
-    for key, info in header.items():
-        begin, end = info["data_offsets"]
-        raw, dtype = data[begin:end], _SAFETENSORS_DTYPES[info["dtype"]]
-        if begin % dtype.itemsize:
-            raw = raw.clone()  # not aligned to its element size: a view would be refused
-        tensors[key] = raw.view(dtype).view(info["shape"])
-    return tensors
-
-
 def _read_entries(path: str | os.PathLike) -> tuple[list[dict], dict[str, torch.Tensor]]:
-    safetensors = require("safetensors")
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no such checkpoint file: {path}")
-    with safetensors.safe_open(path, framework="pt") as f:
-        raw = (f.metadata() or {}).get(_METADATA_KEY)
+    metadata, tensors = read_safetensors(path)
+    raw = metadata.get(_METADATA_KEY)
     if raw is None:
         raise PruningError(f"{path}: not an fxprune sparse checkpoint (no '{_METADATA_KEY}' entry in its metadata)")
     header = json.loads(raw)
     if header.get("format") != FORMAT or header.get("version", 0) > VERSION:
         raise PruningError(f"{path}: unsupported checkpoint format {header.get('format')!r} v{header.get('version')}")
-    return header["entries"], _mapped_tensors(path)
+    return header["entries"], tensors
 
 
 def _parts(entry: dict, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
