@@ -34,6 +34,7 @@ import json
 import os
 import warnings
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 from torch import nn
@@ -42,6 +43,7 @@ from fxprune.checkpoints import codec
 from fxprune.checkpoints.extras import require
 from fxprune.checkpoints.mapped_file import read_safetensors
 from fxprune.checkpoints.sparse_file import (
+    run_jobs,
     storage_key,
     check_not_prepared,
     fill_model,
@@ -227,8 +229,14 @@ def decompressed_state_dict(directory: str | os.PathLike) -> tuple[dict[str, tor
             grouped.setdefault(prefix, {})[part] = t
         else:
             state[key] = t
-    for prefix, p in grouped.items():
-        state[f"{prefix}.weight"] = codec.decode_bitmask(p["compressed"], p["bitmask"], p["shape"].flatten().tolist())
+    decoded: dict[str, torch.Tensor] = {}
+
+    def decode(prefix: str, p: dict[str, torch.Tensor]) -> None:
+        decoded[prefix] = codec.decode_bitmask(p["compressed"], p["bitmask"], p["shape"].flatten().tolist())
+
+    jobs = sorted(grouped.items(), key=lambda item: -item[1]["compressed"].numel())  # largest first
+    run_jobs([partial(decode, prefix, p) for prefix, p in jobs])
+    state.update({f"{prefix}.weight": decoded[prefix] for prefix in grouped})
     return state, config
 
 

@@ -38,6 +38,7 @@ __all__ = [
     "check_loadable",
     "fill_model",
     "storage_key",
+    "run_jobs",
 ]
 
 FORMAT = "fxprune-sparse"
@@ -219,7 +220,7 @@ def _copy_in_steps(out: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _run(jobs: list[Callable[[], object]]) -> None:
+def run_jobs(jobs: list[Callable[[], object]]) -> None:
     """Run the decode jobs (largest first) on ``torch.get_num_threads()`` threads, the calling one included.
 
     The helper threads take jobs from the large end and the calling thread from
@@ -284,7 +285,7 @@ def load_sparse_state_dict(path: str | os.PathLike) -> "OrderedDict[str, torch.T
     def rebuild(entry: dict) -> None:
         decoded[entry["name"]] = _rebuild(entry, tensors)
 
-    _run([partial(rebuild, e) for e in sorted(entries, key=lambda e: -math.prod(e["shape"])) if e["layout"] != "tied"])
+    run_jobs([partial(rebuild, e) for e in sorted(entries, key=lambda e: -math.prod(e["shape"])) if e["layout"] != "tied"])
     state: OrderedDict[str, torch.Tensor] = OrderedDict()
     for entry in entries:
         state[entry["name"]] = state[entry["tied_to"]] if entry["layout"] == "tied" else decoded[entry["name"]]
@@ -361,7 +362,7 @@ def fill_model(path: str | os.PathLike, model: nn.Module, source: str) -> nn.Mod
         else:
             jobs.append(partial(_rebuild, entry, tensors, direct[name]))
         written[name] = direct[name]
-    _run(jobs)
+    run_jobs(jobs)
     for entry in entries:
         name = entry["name"]
         if name not in direct or entry["layout"] != "tied":
