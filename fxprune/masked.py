@@ -268,7 +268,7 @@ class MaskedParameter(nn.Module):
         """
         param = self._parameters["param"]
         if self._has_pruned:
-            _zero_pruned(param.data, self.keep_bytes())
+            _fill_pruned_with_zeros(param.data, self.keep_bytes())
         if self._grad_mask is not None:
             self._grad_mask.remove()
             self._grad_mask = None
@@ -320,6 +320,24 @@ class MaskedParameter(nn.Module):
 
 #: Entries per chunk of :func:`_zero_pruned`: 16 MiB of float32 temporaries at most.
 _ZERO_CHUNK = 1 << 22
+
+
+def _fill_pruned_with_zeros(data: torch.Tensor, keep_bytes: torch.Tensor) -> None:
+    """Set the pruned entries to ``+0.0`` exactly, in chunks (see :func:`_zero_pruned`).
+
+    For the weights ``convert`` hands back: the multiply used in training
+    leaves ``-0.0`` where a pruned weight was negative (and NaN where it was
+    NaN or inf), and the user saves, hashes and compares these tensors; plain
+    zeros also make a compact checkpoint of them bit-exact.
+    """
+    keep = keep_bytes.view(torch.bool)
+    n = data.numel()
+    if n <= _ZERO_CHUNK or keep.shape != data.shape or not (data.is_contiguous() and keep.is_contiguous()):
+        data.masked_fill_(torch.logical_not(keep), 0)
+        return
+    flat, keep = data.view(-1), keep.view(-1)
+    for lo in range(0, n, _ZERO_CHUNK):
+        flat[lo:lo + _ZERO_CHUNK].masked_fill_(torch.logical_not(keep[lo:lo + _ZERO_CHUNK]), 0)
 
 
 def _zero_pruned(data: torch.Tensor, keep_bytes: torch.Tensor) -> None:

@@ -87,10 +87,13 @@ def test_convert_equals_prepared_and_loads_into_original_class(spec, schedule, e
         assert not isinstance(m, (fxprune.MaskedParameter, fxprune.Pruner))
         assert not m._forward_hooks and not m._forward_pre_hooks
     assert not any("mask" in k or k.startswith("pruner") for k in converted.state_dict())
-    # sparsity survives into the plain weights
+    # sparsity survives into the plain weights, as +0.0 (a multiply by the mask leaves -0.0 where a weight was
+    # negative: not the same bits, so not the same file or hash)
     report = fxprune.sparsity_report(converted)
     for t in prepared.pruner.targets:
         assert report[t.name].zeros >= int((~t.masked.mask).sum())
+        pruned = converted.get_parameter(t.name).detach()[~t.masked.mask]
+        assert not torch.signbit(pruned).any() and not pruned.any(), t.name
 
 
 @pytest.mark.parametrize("make_opt", [
