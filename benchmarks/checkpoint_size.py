@@ -15,7 +15,11 @@ a random Llama (hidden 1024, 8 layers, bf16) at 50% unstructured and at 2:4.
 * for the Llama also ``fxprune.save_pretrained`` (compressed-tensors format) vs
   the dense ``model.save_pretrained`` (``--hf``).
 
-Run: ``PYTHONPATH=. nice -n 10 .venv/bin/python benchmarks/checkpoint_size.py [--quick] [--hf] [--repeats N] [--threads N]``
+``--recycled-memory`` keeps freed memory in the process, so that ``torch.load``
+copies into pages it used before (its fastest case: a plain copy) instead of
+faulting in fresh ones, as a first load in a new process must.
+
+Run: ``PYTHONPATH=. nice -n 10 .venv/bin/python benchmarks/checkpoint_size.py [--quick] [--hf] [--repeats N] [--threads N] [--recycled-memory]``
 """
 from __future__ import annotations
 
@@ -32,6 +36,16 @@ import torch
 from torch import nn
 
 import fxprune
+
+
+def keep_freed_memory() -> None:
+    """Make glibc's malloc keep freed memory (no trimming, no per-allocation mmap up to its 32 MiB limit)."""
+    import ctypes
+
+    libc = ctypes.CDLL("libc.so.6")
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    if not (libc.mallopt(m_trim_threshold, 2**31 - 1) and libc.mallopt(m_mmap_threshold, 32 << 20)):
+        raise SystemExit("--recycled-memory: mallopt refused (not glibc?)")
 
 
 def folder_bytes(path: str) -> int:
@@ -163,13 +177,19 @@ def main() -> None:
     parser.add_argument("--hf", action="store_true", help="also the Hugging Face folder formats (slow)")
     parser.add_argument("--repeats", type=int, default=None, help="timing rounds (default 9, --quick 3)")
     parser.add_argument("--cases", default="resnet50-70,resnet50-90,llama-50,llama-24")
+    parser.add_argument("--recycled-memory", action="store_true", help="keep freed memory in the process (glibc "
+                        "mallopt), so torch.load copies into recycled pages instead of faulting in fresh ones: its "
+                        "fastest case, the strictest baseline")
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (load_sparse decodes "
                         "tensors on that many threads; torch.load reads on one)")
     args = parser.parse_args()
     repeats = args.repeats or (3 if args.quick else 9)
+    if args.recycled_memory:
+        keep_freed_memory()
     torch.set_num_threads(args.threads)
     cases = args.cases.split(",")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, "
+          f"{'recycled memory, ' if args.recycled_memory else ''}"
           f"load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         for sparsity in (70, 90):
