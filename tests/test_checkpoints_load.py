@@ -97,6 +97,27 @@ def test_decoders_match_the_element_by_element_oracle(t, step, native, offset):
 
 
 @SETTINGS
+@given(st.one_of(wide_tensors(), sparse_tensors(), byte_tensors()), st.sampled_from([0, 1, 3]))
+def test_every_instruction_set_of_the_c_kernel_matches_the_oracle(t, offset):
+    # The kernel picks the best this CPU has (codec never chooses); each one it has must give the same bits:
+    # AVX-512 expand, AVX2 table shuffles (2- and 4-byte elements), the scalar loop.
+    from fxprune.checkpoints import _expand
+
+    parts = codec.encode_bitmask(t)
+    expected = raw_bits(oracle_decode(parts["compressed"], parts["bitmask"], list(t.shape)))
+    rows, cols = codec._rows_cols(t.shape)
+    ints = codec._INT_OF_SIZE[t.element_size()]
+    src = parts["compressed"].view(ints).numpy()
+    for isa in _expand.isas():
+        out = torch.full([t.numel() + offset], 7, dtype=t.dtype)[offset:].view(t.shape)
+        assert _expand.expand(out.view(-1).view(ints).numpy(), src, parts["bitmask"].numpy().reshape(-1), rows, cols,
+                              isa) == src.size
+        assert torch.equal(raw_bits(out), expected), isa
+    with pytest.raises(ValueError, match="instruction set 'sse9'"):
+        _expand.expand(out.view(-1).view(ints).numpy(), src, parts["bitmask"].numpy().reshape(-1), rows, cols, "sse9")
+
+
+@SETTINGS
 @given(st.integers(0, 9), st.integers(0, 200), st.integers(0, 2**31), st.sampled_from([False, True]))
 def test_bit_counts_skip_row_padding(rows, cols, seed, native):
     g = torch.Generator().manual_seed(seed)

@@ -2,9 +2,10 @@
  *
  * Why C: the expansion (every kept value to its position, zero elsewhere) is one pass over the output, but in
  * torch or numpy it takes at least three (a running count, a gather, a multiply), each slower than the memcpy
- * torch.load does for a dense file. Here it is one pass: on x86-64 CPUs with AVX-512 an expand-load instruction
- * places 8, 16, 32 or 64 values at once, elsewhere a branch-free scalar loop. The extension is optional: where
- * it was not built, codec.py decodes with torch ops to the same bits.
+ * torch.load does for a dense file. Here it is one pass: on x86-64 CPUs with AVX-512 an expand instruction
+ * places 8, 16, 32 or 64 values at once, with AVX2 a table-driven shuffle 8 (2- and 4-byte elements), elsewhere
+ * a branch-free scalar loop. The extension is optional: where it was not built, codec.py decodes with torch ops
+ * to the same bits.
  *
  * Layout (compressed-tensors' sparse-bitmask): per row of `cols` elements, ceil(cols / 8) bytes, bit j of byte
  * b (least significant first) marking element 8 b + j; the kept values of all rows in order, in `src`.
@@ -72,9 +73,81 @@ AVX_ROW(avx_u16, uint16_t, 32, uint32_t, (__mmask32)LOW_BITS_64, __builtin_popco
         "avx512f,avx512bw,avx512vbmi2,popcnt", _mm512_maskz_expand_epi16, _mm512_maskz_loadu_epi16)
 AVX_ROW(avx_u8, uint8_t, 64, uint64_t, (__mmask64)LOW_BITS_64, __builtin_popcountll,
         "avx512f,avx512bw,avx512vbmi2,popcnt", _mm512_maskz_expand_epi8, _mm512_maskz_loadu_epi8)
+
+/* AVX2 (no expand instruction): per byte of the mask, 8 elements. Lane j of the chunk takes value rank(j), its
+ * index among the set bits before it, by a shuffle from a table indexed by the mask byte: vpermd for 4-byte
+ * elements (then zeroed where the bit is clear), pshufb for 2-byte ones (the table's 0x80 bytes give the zeros).
+ * Streaming stores where dst is aligned to the store's width, as above. */
+static int32_t perm32[256][8];
+static uint8_t shuf16[256][16];
+
+static void build_tables(void) {
+    for (int m = 0; m < 256; m++) {
+        int r = 0;
+        for (int j = 0; j < 8; j++) {
+            if ((m >> j) & 1) {
+                perm32[m][j] = r;
+                shuf16[m][2 * j] = (uint8_t)(2 * r);
+                shuf16[m][2 * j + 1] = (uint8_t)(2 * r + 1);
+                r++;
+            } else {
+                perm32[m][j] = 0;
+                shuf16[m][2 * j] = shuf16[m][2 * j + 1] = 0x80;
+            }
+        }
+    }
+}
+
+__attribute__((target("avx2,popcnt"))) static Py_ssize_t avx2_u32(uint32_t *dst, const uint32_t *src,
+                                                                   const uint8_t *bits, Py_ssize_t cols,
+                                                                   Py_ssize_t limit, Py_ssize_t *k) {
+    const __m256i lane_bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    int stream = ((uintptr_t)dst & 31) == 0;
+    Py_ssize_t c = 0;
+    for (; c + 8 <= cols; c += 8) {
+        int m = bits[c >> 3], n = __builtin_popcount((unsigned)m);
+        __m256i v = *k + 8 <= limit ? _mm256_loadu_si256((const __m256i *)(src + *k))
+                                    : _mm256_maskload_epi32((const int *)(src + *k),
+                                                            _mm256_cmpgt_epi32(_mm256_set1_epi32(n), lane));
+        v = _mm256_permutevar8x32_epi32(v, _mm256_loadu_si256((const __m256i *)perm32[m]));
+        __m256i bit = _mm256_and_si256(_mm256_set1_epi32(m), lane_bit);
+        v = _mm256_and_si256(v, _mm256_cmpeq_epi32(bit, lane_bit));
+        if (stream) _mm256_stream_si256((__m256i *)(dst + c), v);
+        else _mm256_storeu_si256((__m256i *)(dst + c), v);
+        *k += n;
+    }
+    return c;
+}
+
+__attribute__((target("avx2,popcnt"))) static Py_ssize_t avx2_u16(uint16_t *dst, const uint16_t *src,
+                                                                   const uint8_t *bits, Py_ssize_t cols,
+                                                                   Py_ssize_t limit, Py_ssize_t *k) {
+    int stream = ((uintptr_t)dst & 15) == 0;
+    Py_ssize_t c = 0;
+    for (; c + 8 <= cols; c += 8) {
+        int m = bits[c >> 3], n = __builtin_popcount((unsigned)m);
+        __m128i v;
+        if (*k + 8 <= limit) {
+            v = _mm_loadu_si128((const __m128i *)(src + *k));
+        } else { /* near the end of the values: copy just the chunk's, never read past them */
+            uint16_t tail[8] = {0};
+            memcpy(tail, src + *k, (size_t)n * sizeof *tail);
+            v = _mm_loadu_si128((const __m128i *)tail);
+        }
+        v = _mm_shuffle_epi8(v, _mm_loadu_si128((const __m128i *)shuf16[m]));
+        if (stream) _mm_stream_si128((__m128i *)(dst + c), v);
+        else _mm_storeu_si128((__m128i *)(dst + c), v);
+        *k += n;
+    }
+    return c;
+}
 #endif
 
-static int use_avx512f = 0, use_vbmi2 = 0;
+/* Instruction sets, best last; `supported` is the best this CPU has. */
+enum { ISA_SCALAR, ISA_AVX2, ISA_AVX512 };
+static const char *const isa_names[] = {"scalar", "avx2", "avx512"};
+static int supported = ISA_SCALAR, use_vbmi2 = 0;
 
 /* Values the bits of one row mark (the padding bits of its last byte aside). Built twice: with the popcnt
  * instruction, and without it (a few bit operations a word, several times slower) for CPUs that lack it. */
@@ -141,9 +214,23 @@ static PyObject *count(PyObject *self, PyObject *args) {
 static PyObject *expand(PyObject *self, PyObject *args) {
     Py_buffer dst, src, bits;
     Py_ssize_t rows, cols;
+    const char *isa_name = NULL;
     (void)self;
-    if (!PyArg_ParseTuple(args, "w*y*y*nn", &dst, &src, &bits, &rows, &cols)) return NULL;
+    if (!PyArg_ParseTuple(args, "w*y*y*nn|s", &dst, &src, &bits, &rows, &cols, &isa_name)) return NULL;
     PyObject *result = NULL;
+    int isa = supported;
+    if (isa_name != NULL) {
+        for (isa = ISA_AVX512; isa >= 0 && strcmp(isa_name, isa_names[isa]) != 0; isa--) {
+        }
+        if (isa < 0 || isa > supported) {
+            PyErr_Format(PyExc_ValueError, "expand: instruction set %R is not one this CPU has (it has up to %s)",
+                         PyTuple_GET_ITEM(args, 5), isa_names[supported]);
+            PyBuffer_Release(&dst);
+            PyBuffer_Release(&src);
+            PyBuffer_Release(&bits);
+            return NULL;
+        }
+    }
     Py_ssize_t size = dst.itemsize, bpr = (cols + 7) / 8;
     if (size != src.itemsize || (size != 1 && size != 2 && size != 4 && size != 8)) {
         PyErr_SetString(PyExc_ValueError, "expand: dst and src must share an item size of 1, 2, 4 or 8 bytes");
@@ -169,10 +256,18 @@ static PyObject *expand(PyObject *self, PyObject *args) {
             Py_ssize_t done = 0, used = 0;
 #ifdef FXP_X86
             Py_ssize_t limit = nsrc - k;
-            if (size == 4 && use_avx512f) done = avx_u32((uint32_t *)d, (const uint32_t *)s, b, cols, limit, &used);
-            else if (size == 8 && use_avx512f) done = avx_u64((uint64_t *)d, (const uint64_t *)s, b, cols, limit, &used);
-            else if (size == 2 && use_vbmi2) done = avx_u16((uint16_t *)d, (const uint16_t *)s, b, cols, limit, &used);
-            else if (size == 1 && use_vbmi2) done = avx_u8((uint8_t *)d, (const uint8_t *)s, b, cols, limit, &used);
+            if (isa == ISA_AVX512 && size == 4)
+                done = avx_u32((uint32_t *)d, (const uint32_t *)s, b, cols, limit, &used);
+            else if (isa == ISA_AVX512 && size == 8)
+                done = avx_u64((uint64_t *)d, (const uint64_t *)s, b, cols, limit, &used);
+            else if (isa == ISA_AVX512 && size == 2 && use_vbmi2)
+                done = avx_u16((uint16_t *)d, (const uint16_t *)s, b, cols, limit, &used);
+            else if (isa == ISA_AVX512 && size == 1 && use_vbmi2)
+                done = avx_u8((uint8_t *)d, (const uint8_t *)s, b, cols, limit, &used);
+            else if (isa >= ISA_AVX2 && size == 4)
+                done = avx2_u32((uint32_t *)d, (const uint32_t *)s, b, cols, limit, &used);
+            else if (isa >= ISA_AVX2 && size == 2)
+                done = avx2_u16((uint16_t *)d, (const uint16_t *)s, b, cols, limit, &used);
 #endif
             if (done < cols) {
                 Py_ssize_t avail = need - used;
@@ -210,8 +305,26 @@ static PyObject *expand(PyObject *self, PyObject *args) {
     return result;
 }
 
+static PyObject *isas(PyObject *self, PyObject *unused) {
+    (void)self;
+    (void)unused;
+    PyObject *names = PyTuple_New(supported + 1);
+    if (names == NULL) return NULL;
+    for (int i = 0; i <= supported; i++) {
+        PyObject *name = PyUnicode_FromString(isa_names[i]);
+        if (name == NULL) {
+            Py_DECREF(names);
+            return NULL;
+        }
+        PyTuple_SET_ITEM(names, i, name);
+    }
+    return names;
+}
+
 static PyMethodDef methods[] = {
-    {"expand", expand, METH_VARARGS, "expand(dst, src, bits, rows, cols) -> values consumed"},
+    {"expand", expand, METH_VARARGS,
+     "expand(dst, src, bits, rows, cols[, isa]) -> values consumed; isa: one of isas() (default: the best)"},
+    {"isas", isas, METH_NOARGS, "isas() -> the instruction sets expand can use on this CPU, best last"},
     {"count", count, METH_VARARGS, "count(bits, rows, cols) -> values the bitmask marks"},
     {NULL, NULL, 0, NULL},
 };
@@ -222,8 +335,10 @@ PyMODINIT_FUNC PyInit__expand(void) {
 #ifdef FXP_X86
     __builtin_cpu_init();
     use_popcnt = !!__builtin_cpu_supports("popcnt");
-    use_avx512f = use_popcnt && __builtin_cpu_supports("avx512f");
-    use_vbmi2 = use_avx512f && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vbmi2");
+    if (use_popcnt && __builtin_cpu_supports("avx2")) supported = ISA_AVX2;
+    if (supported == ISA_AVX2 && __builtin_cpu_supports("avx512f")) supported = ISA_AVX512;
+    use_vbmi2 = supported == ISA_AVX512 && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vbmi2");
+    build_tables();
 #endif
     return PyModule_Create(&module);
 }

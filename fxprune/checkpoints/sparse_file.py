@@ -277,7 +277,12 @@ def _rebuild(entry: dict, tensors: dict[str, torch.Tensor], out: torch.Tensor | 
 
 
 def load_sparse_state_dict(path: str | os.PathLike) -> "OrderedDict[str, torch.Tensor]":
-    """The ``state_dict`` saved by :func:`save_sparse`, rebuilt on the CPU; tied names share one tensor."""
+    """The ``state_dict`` saved by :func:`save_sparse`, rebuilt on the CPU; tied names share one tensor.
+
+    Tensors stored dense are views of a private mapping of the file (as
+    safetensors' own loader gives them): read on first touch, writable, and
+    writing them leaves the file as it was.
+    """
     entries, tensors = _read_entries(path)
     _check_entries(entries, tensors, os.fspath(path))
     decoded: dict[str, torch.Tensor] = {}
@@ -285,7 +290,8 @@ def load_sparse_state_dict(path: str | os.PathLike) -> "OrderedDict[str, torch.T
     def rebuild(entry: dict) -> None:
         decoded[entry["name"]] = _rebuild(entry, tensors)
 
-    run_jobs([partial(rebuild, e) for e in sorted(entries, key=lambda e: -math.prod(e["shape"])) if e["layout"] != "tied"])
+    largest_first = sorted(entries, key=lambda e: -math.prod(e["shape"]))
+    run_jobs([partial(rebuild, e) for e in largest_first if e["layout"] != "tied"])
     state: OrderedDict[str, torch.Tensor] = OrderedDict()
     for entry in entries:
         state[entry["name"]] = state[entry["tied_to"]] if entry["layout"] == "tied" else decoded[entry["name"]]
