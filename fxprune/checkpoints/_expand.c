@@ -21,18 +21,49 @@
 #define FXP_X86 1
 #endif
 
-/* Scalar expansion of elements [c0, c1) of one row from the `avail` (> 0) values they mark.
- * Branch-free: every element reads a value (clamped to the last one, so never past the row's values) and
- * keeps it or zero. */
-#define SCALAR_ROW(T)                                                                               \
-    static void scalar_##T(T *dst, const T *src, Py_ssize_t avail, const uint8_t *bits,         \
-                                 Py_ssize_t c0, Py_ssize_t c1) {                                    \
-        Py_ssize_t k = 0;                                                                           \
-        for (Py_ssize_t c = c0; c < c1; c++) {                                                      \
-            T bit = (T)((bits[c >> 3] >> (c & 7)) & 1);                                             \
-            dst[c] = src[k < avail ? k : avail - 1] & ((T)0 - bit);                                 \
-            k += bit;                                                                               \
-        }                                                                                           \
+/* Per mask byte m: perm32[m][j] is the rank of element j (how many set bits precede bit j), count8[m] its set
+ * bits, shuf16[m] the pshufb bytes that move 2-byte values by those ranks (0x80 where bit j is clear: a zero). */
+static int32_t perm32[256][8];
+static uint8_t count8[256];
+static uint8_t shuf16[256][16];
+
+static void build_tables(void) {
+    for (int m = 0; m < 256; m++) {
+        int r = 0;
+        for (int j = 0; j < 8; j++) {
+            if ((m >> j) & 1) {
+                perm32[m][j] = r;
+                shuf16[m][2 * j] = (uint8_t)(2 * r);
+                shuf16[m][2 * j + 1] = (uint8_t)(2 * r + 1);
+                r++;
+            } else {
+                perm32[m][j] = 0;
+                shuf16[m][2 * j] = shuf16[m][2 * j + 1] = 0x80;
+            }
+        }
+        count8[m] = (uint8_t)r;
+    }
+}
+
+/* Scalar expansion of elements [c0, c1) of one row (c0 a multiple of 8) from the `avail` (> 0) values they mark.
+ * Whole mask bytes while 8 values are left: each element reads the value of its rank, so no element waits for
+ * the count of the one before it. Then element by element, branch-free: every element reads a value (clamped to
+ * the last one, so never past the row's values) and keeps it or zero. */
+#define SCALAR_ROW(T)                                                                                         \
+    static void scalar_##T(T *dst, const T *src, Py_ssize_t avail, const uint8_t *bits, Py_ssize_t c0,       \
+                           Py_ssize_t c1) {                                                                   \
+        Py_ssize_t k = 0, c = c0;                                                                             \
+        for (; c + 8 <= c1 && k + 8 <= avail; c += 8) {                                                       \
+            unsigned m = bits[c >> 3];                                                                        \
+            const int32_t *rank = perm32[m];                                                                  \
+            for (int j = 0; j < 8; j++) dst[c + j] = src[k + rank[j]] & ((T)0 - (T)((m >> j) & 1));           \
+            k += count8[m];                                                                                   \
+        }                                                                                                     \
+        for (; c < c1; c++) {                                                                                 \
+            T bit = (T)((bits[c >> 3] >> (c & 7)) & 1);                                                       \
+            dst[c] = src[k < avail ? k : avail - 1] & ((T)0 - bit);                                           \
+            k += bit;                                                                                         \
+        }                                                                                                     \
     }
 SCALAR_ROW(uint8_t)
 SCALAR_ROW(uint16_t)
@@ -78,26 +109,6 @@ AVX_ROW(avx_u8, uint8_t, 64, uint64_t, (__mmask64)LOW_BITS_64, __builtin_popcoun
  * index among the set bits before it, by a shuffle from a table indexed by the mask byte: vpermd for 4-byte
  * elements (then zeroed where the bit is clear), pshufb for 2-byte ones (the table's 0x80 bytes give the zeros).
  * Streaming stores where dst is aligned to the store's width, as above. */
-static int32_t perm32[256][8];
-static uint8_t shuf16[256][16];
-
-static void build_tables(void) {
-    for (int m = 0; m < 256; m++) {
-        int r = 0;
-        for (int j = 0; j < 8; j++) {
-            if ((m >> j) & 1) {
-                perm32[m][j] = r;
-                shuf16[m][2 * j] = (uint8_t)(2 * r);
-                shuf16[m][2 * j + 1] = (uint8_t)(2 * r + 1);
-                r++;
-            } else {
-                perm32[m][j] = 0;
-                shuf16[m][2 * j] = shuf16[m][2 * j + 1] = 0x80;
-            }
-        }
-    }
-}
-
 __attribute__((target("avx2,popcnt"))) static Py_ssize_t avx2_u32(uint32_t *dst, const uint32_t *src,
                                                                    const uint8_t *bits, Py_ssize_t cols,
                                                                    Py_ssize_t limit, Py_ssize_t *k) {
@@ -338,7 +349,7 @@ PyMODINIT_FUNC PyInit__expand(void) {
     if (use_popcnt && __builtin_cpu_supports("avx2")) supported = ISA_AVX2;
     if (supported == ISA_AVX2 && __builtin_cpu_supports("avx512f")) supported = ISA_AVX512;
     use_vbmi2 = supported == ISA_AVX512 && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vbmi2");
-    build_tables();
 #endif
+    build_tables();
     return PyModule_Create(&module);
 }
