@@ -47,7 +47,9 @@ class KernelChoice:
     dense_s: float | None = None
     candidates_s: dict[str, float] = field(default_factory=dict)  # layout ('csr', 'bsr16', ...) -> median time
     dense_min_s: float | None = None  # fastest dense sample; (dense_s - dense_min_s) / dense_min_s is the noise
-    cache: str = "warm"  # 'cold': timed with weights evicted from cache (the model's weights exceed it)
+    # How dense and sparse were timed: 'cold' with the weights evicted from the last-level cache (that model's
+    # weights exceed it, so a forward pass reads them from memory), else 'warm'.
+    cache: str = "dense warm, sparse warm"
     candidates_min_s: dict[str, float] = field(default_factory=dict)
     chosen: str = "dense"
     reason: str = ""
@@ -86,12 +88,12 @@ def _last_level_cache_bytes() -> int:
 
 
 def _times(fns: dict[str, Callable[[], Any]], repeats: int, min_time_s: float,
-           evict: Tensor | None = None) -> dict[str, tuple[float, float]]:
+           evict: Tensor | None = None, cold: frozenset[str] = frozenset()) -> dict[str, tuple[float, float]]:
     """(median, min) seconds per call of each fn; rounds interleave the fns (rotating order) against load bursts.
 
-    With ``evict`` (a buffer larger than the last-level cache), every sample is one call after writing the
-    buffer: the weights come from memory, as they do in a forward pass of a model larger than the cache.
-    Without it, samples repeat calls for ``min_time_s`` on a warm cache.
+    For the fns in ``cold``, every sample is one call after writing ``evict`` (a buffer larger than the
+    last-level cache): the weights come from memory, as they do in a forward pass of a model larger than
+    the cache. The others repeat calls for ``min_time_s`` on a warm cache.
     """
     number: dict[str, int] = {}
     for key, fn in fns.items():  # warm-up, and calls per timing so one timing lasts >= min_time_s
@@ -99,19 +101,27 @@ def _times(fns: dict[str, Callable[[], Any]], repeats: int, min_time_s: float,
         t0 = time.perf_counter()
         fn()
         once = max(time.perf_counter() - t0, 1e-7)
-        number[key] = 1 if evict is not None else max(1, min(1000, int(min_time_s / once) + 1))
+        number[key] = 1 if key in cold else max(1, min(1000, int(min_time_s / once) + 1))
     samples: dict[str, list[float]] = {k: [] for k in fns}
     keys = list(fns)
     for r in range(repeats):
         for key in keys[r % len(keys):] + keys[: r % len(keys)]:
             fn, n = fns[key], number[key]
-            if evict is not None:
+            if key in cold:
                 evict.add_(1.0)
             t0 = time.perf_counter()
             for _ in range(n):
                 fn()
             samples[key].append((time.perf_counter() - t0) / n)
     return {k: (statistics.median(v), min(v)) for k, v in samples.items()}
+
+
+def _sparse_bytes(weight: Tensor, min_sparsity: float, force: bool) -> int:
+    """Bytes of ``weight`` in a model where every layer that gets timed is CSR (int32 indices); dense otherwise."""
+    nnz = int(torch.count_nonzero(weight))
+    if not force and 1 - nnz / max(weight.numel(), 1) < min_sparsity:
+        return weight.numel() * weight.element_size()
+    return nnz * (weight.element_size() + 4) + (weight.shape[0] + 1) * 4
 
 
 def _bsr_blocks(weight2d: Tensor, density: float) -> list[int]:
@@ -225,9 +235,13 @@ def choose_kernels(
     inputs, outputs, calls = _capture_inputs(model, layers, _split_example(example_inputs))
     # A forward pass streams the weights from memory when they do not all fit in the last-level cache;
     # timing one layer over and over would keep its weight cached and flatter dense (memory-bound at batch 1).
+    # Each side is timed in the cache state it would run in: the dense model's weights, and the weights of the
+    # model with every timed layer sparse (a fifth to a tenth of the bytes at 90%), may fall on either side.
     llc = _last_level_cache_bytes()
-    weight_bytes = sum(m.weight.numel() * m.weight.element_size() for m in layers.values())
-    evict = torch.zeros(2 * llc // 4, dtype=torch.float32) if measure and weight_bytes > llc else None
+    dense_bytes = sum(m.weight.numel() * m.weight.element_size() for m in layers.values())
+    sparse_bytes = sum(_sparse_bytes(m.weight, min_sparsity, force) for m in layers.values())
+    dense_cold, sparse_cold = measure and dense_bytes > llc, measure and sparse_bytes > llc
+    evict = torch.zeros(2 * llc // 4, dtype=torch.float32) if dense_cold or sparse_cold else None
     choices = []
     for name, module in layers.items():
         w = module.weight.detach()
@@ -257,8 +271,9 @@ def choose_kernels(
             choice.reason = "sparse output differs from dense on the example (not swapped)"
             continue
         fns = {"dense": lambda: module(x), **{k: (lambda m=m: m(x)) for k, m in sparse.items()}}
-        measured = _times(fns, repeats, min_time_s, evict)
-        choice.cache = "warm" if evict is None else "cold"
+        cold = frozenset(["dense"] * dense_cold + list(sparse) * sparse_cold)
+        measured = _times(fns, repeats, min_time_s, evict, cold)
+        choice.cache = f"dense {'cold' if dense_cold else 'warm'}, sparse {'cold' if sparse_cold else 'warm'}"
         choice.dense_s, choice.dense_min_s = measured.pop("dense")
         choice.candidates_s = {k: med for k, (med, _) in measured.items()}
         choice.candidates_min_s = {k: low for k, (_, low) in measured.items()}

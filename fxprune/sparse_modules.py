@@ -55,7 +55,7 @@ def _sparse_matmul(crow: Tensor, col: Tensor, values: Tensor, shape: list[int], 
     """``W @ cols`` for the sparse ``W`` given by its parts and a dense ``cols`` (K, N)."""
     if values.dim() == 1:  # CSR
         weight = torch.sparse_csr_tensor(crow, col, values, shape, dtype=values.dtype, device=values.device)
-        if cols.shape[1] == 1:
+        if cols.shape[1] == 1 and not torch.jit.is_tracing():  # a trace would keep this branch for any batch
             return torch.mv(weight, cols[:, 0]).unsqueeze(1)  # MKL's sparse mv is 2-3x faster than mm at one column
     else:  # BSR: values are (nnz_blocks, b, b)
         weight = torch.sparse_bsr_tensor(crow, col, values, shape, dtype=values.dtype, device=values.device)
@@ -134,6 +134,8 @@ class _SparseWeightModule(nn.Module):
         self._check_inference()
         if torch.jit.is_scripting():
             return self.compute(x)
+        if not torch.compiler.is_compiling():  # eager: skip the boundary's own cost (~10 us a call)
+            return self.compute(x)
         return _eager_compute(self, x)
 
     def compute(self, x: Tensor) -> Tensor:  # pragma: no cover - every subclass defines it
@@ -173,9 +175,17 @@ class SparseLinear(_SparseWeightModule):
         """``forward`` without the training guard and the torch.compile boundary."""
         lead = x.shape[:-1]
         rows = x.reshape(-1, self.in_features)
+        bias = self.bias
+        # One input row, CSR: MKL's sparse mv with the bias fused. Not under jit.trace, which would record this
+        # branch for every batch size.
+        if rows.shape[0] == 1 and self.values.dim() == 1 and not torch.jit.is_tracing():
+            weight = torch.sparse_csr_tensor(self.crow_indices, self.col_indices, self.values, self.matrix_shape,
+                                             dtype=self.values.dtype, device=self.values.device)
+            out = torch.mv(weight, rows[0]) if bias is None else torch.addmv(bias, weight, rows[0])
+            return out.reshape(list(lead) + [self.out_features])
         out = _sparse_matmul(self.crow_indices, self.col_indices, self.values, self.matrix_shape, rows.t())  # (out, N): one column per input row
-        if self.bias is not None:
-            out = out + self.bias.unsqueeze(1)
+        if bias is not None:
+            out = out + bias.unsqueeze(1)
         return out.t().reshape(list(lead) + [self.out_features])
 
 
@@ -224,7 +234,7 @@ class SparseConv2d(_SparseWeightModule):
             cols = x.reshape(n, self.in_channels, h * w)
         else:
             cols = F.unfold(x, self.kernel_size, self.dilation, self.padding, self.stride)  # (N, C*kh*kw, L)
-        if n == 1:
+        if n == 1 and not torch.jit.is_tracing():  # (a trace would keep this branch for every batch)
             out = _sparse_matmul(self.crow_indices, self.col_indices, self.values, self.matrix_shape,
                                  cols[0]).unsqueeze(0)
         else:  # one matmul over every image: (K, N*L) columns

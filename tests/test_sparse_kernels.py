@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import io
+import warnings
 
 import pytest
 import torch
@@ -220,12 +221,31 @@ def test_convert_with_kernels_auto():
 def test_cold_cache_timing_is_one_call_per_sample_after_eviction():
     from fxprune.kernels import _last_level_cache_bytes, _times
 
-    calls = []
+    calls, warm_calls = [], []
     evict = torch.zeros(1024)
-    times = _times({"a": lambda: calls.append(float(evict[0]))}, repeats=3, min_time_s=1.0, evict=evict)
+    times = _times({"a": lambda: calls.append(float(evict[0])), "b": lambda: warm_calls.append(float(evict[0]))},
+                   repeats=3, min_time_s=1e-3, evict=evict, cold=frozenset({"a"}))
     assert calls == [0.0, 0.0, 1.0, 2.0, 3.0]  # two warm-up calls, then one call after each eviction
+    assert len(warm_calls) > 2 + 3  # warm: several calls per sample, and no eviction of their own
     assert times["a"][0] >= times["a"][1] > 0
     assert _last_level_cache_bytes() > 0
+
+
+def test_each_side_is_timed_in_the_cache_state_its_model_would_run_in(monkeypatch):
+    # 90% sparse: the dense weights exceed a cache the CSR weights fit in, so dense is timed cold, sparse warm.
+    import fxprune.kernels as kernels
+
+    net = nn.Sequential(nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 256)).eval()
+    with torch.no_grad():
+        for m in net:
+            if isinstance(m, nn.Linear):
+                m.weight.mul_(torch.rand_like(m.weight) > 0.9)
+    dense_bytes = 2 * 256 * 256 * 4
+    for llc, expected in [(dense_bytes // 2, "dense cold, sparse warm"), (dense_bytes * 2, "dense warm, sparse warm"),
+                          (dense_bytes // 50, "dense cold, sparse cold")]:
+        monkeypatch.setattr(kernels, "_last_level_cache_bytes", lambda llc=llc: llc)
+        choices = kernels.choose_kernels(net, torch.randn(1, 256), repeats=1, min_time_s=1e-4)
+        assert [c.cache for c in choices] == [expected, expected], llc
 
 
 def test_sparsity_report_counts_the_weights_of_sparse_modules():
@@ -233,3 +253,19 @@ def test_sparsity_report_counts_the_weights_of_sparse_modules():
     sparse = fxprune.sparsify_kernels(copy.deepcopy(net), torch.randn(2, 3, 4, 4), force=True)
     dense_rows = fxprune.sparsity_report(net).to_dict()
     assert fxprune.sparsity_report(sparse).to_dict() == dense_rows
+
+
+@pytest.mark.parametrize("layer", ["linear", "conv1x1"])
+def test_a_trace_at_batch_1_serves_every_batch(layer):
+    # Batch 1 takes a sparse matrix-vector product in eager mode; a trace must not keep that branch.
+    torch.manual_seed(0)
+    dense = (nn.Linear(16, 8) if layer == "linear" else nn.Conv2d(16, 8, 1)).eval()
+    _prune(dense.weight, 0.8, 0)
+    sparse = (SparseLinear if layer == "linear" else SparseConv2d).from_dense(dense).eval()
+    shape = (16,) if layer == "linear" else (16, 3, 3)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the tracer's notes on shapes read as Python ints
+        traced = torch.jit.trace(sparse, torch.randn(1, *shape))
+        for batch in (1, 5):
+            x = torch.randn(batch, *shape)
+            assert _close(traced(x), dense(x)), batch
