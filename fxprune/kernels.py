@@ -116,11 +116,15 @@ def _times(fns: dict[str, Callable[[], Any]], repeats: int, min_time_s: float,
     return {k: (statistics.median(v), min(v)) for k, v in samples.items()}
 
 
-def _sparse_bytes(weight: Tensor, min_sparsity: float, force: bool) -> int:
-    """Bytes of ``weight`` in a model where every layer that gets timed is CSR (int32 indices); dense otherwise."""
+def _sparse_bytes(module: nn.Module, min_sparsity: float, force: bool) -> int:
+    """Bytes of the layer's weight in a model where every layer that gets timed is CSR (int32 indices)."""
+    weight = module.weight.detach()
+    dense = weight.numel() * weight.element_size()
+    if _ineligible(module) is not None:
+        return dense
     nnz = int(torch.count_nonzero(weight))
     if not force and 1 - nnz / max(weight.numel(), 1) < min_sparsity:
-        return weight.numel() * weight.element_size()
+        return dense
     return nnz * (weight.element_size() + 4) + (weight.shape[0] + 1) * 4
 
 
@@ -239,7 +243,7 @@ def choose_kernels(
     # model with every timed layer sparse (a fifth to a tenth of the bytes at 90%), may fall on either side.
     llc = _last_level_cache_bytes()
     dense_bytes = sum(m.weight.numel() * m.weight.element_size() for m in layers.values())
-    sparse_bytes = sum(_sparse_bytes(m.weight, min_sparsity, force) for m in layers.values())
+    sparse_bytes = sum(_sparse_bytes(m, min_sparsity, force) for m in layers.values())
     dense_cold, sparse_cold = measure and dense_bytes > llc, measure and sparse_bytes > llc
     evict = torch.zeros(2 * llc // 4, dtype=torch.float32) if dense_cold or sparse_cold else None
     choices = []
