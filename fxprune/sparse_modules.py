@@ -23,6 +23,7 @@ converted on every call (measured 1.3-1.6x slower at batch 1).
 from __future__ import annotations
 
 import warnings
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -51,15 +52,21 @@ def to_sparse_layout(weight2d: Tensor, layout: str, blocksize: int | None = None
     return s.crow_indices().to(torch.int32), s.col_indices().to(torch.int32), s.values()
 
 
-def _sparse_matmul(crow: Tensor, col: Tensor, values: Tensor, shape: list[int], cols: Tensor) -> Tensor:
-    """``W @ cols`` for the sparse ``W`` given by its parts and a dense ``cols`` (K, N)."""
+def _sparse_matmul(crow: Tensor, col: Tensor, values: Tensor, shape: list[int], cols: Tensor,
+                   bias: Optional[Tensor] = None) -> Tensor:
+    """``W @ cols + bias[:, None]`` for the sparse ``W`` given by its parts and a dense ``cols`` (K, N)."""
     if values.dim() == 1:  # CSR
         weight = torch.sparse_csr_tensor(crow, col, values, shape, dtype=values.dtype, device=values.device)
-        if cols.shape[1] == 1 and not torch.jit.is_tracing():  # a trace would keep this branch for any batch
-            return torch.mv(weight, cols[:, 0]).unsqueeze(1)  # MKL's sparse mv is 2-3x faster than mm at one column
+        # One column: MKL's sparse mv, 2-3x faster than mm, with the bias fused. Not under jit.trace, which would
+        # record this branch for every batch size.
+        if cols.shape[1] == 1 and not torch.jit.is_tracing():
+            vec = cols[:, 0]
+            out = torch.mv(weight, vec) if bias is None else torch.addmv(bias, weight, vec)
+            return out.unsqueeze(1)
     else:  # BSR: values are (nnz_blocks, b, b)
         weight = torch.sparse_bsr_tensor(crow, col, values, shape, dtype=values.dtype, device=values.device)
-    return torch.mm(weight, cols)
+    out = torch.mm(weight, cols)
+    return out if bias is None else out + bias.unsqueeze(1)
 
 
 def _eager_compute(module: "_SparseWeightModule", x: Tensor) -> Tensor:
@@ -175,17 +182,8 @@ class SparseLinear(_SparseWeightModule):
         """``forward`` without the training guard and the torch.compile boundary."""
         lead = x.shape[:-1]
         rows = x.reshape(-1, self.in_features)
-        bias = self.bias
-        # One input row, CSR: MKL's sparse mv with the bias fused. Not under jit.trace, which would record this
-        # branch for every batch size.
-        if rows.shape[0] == 1 and self.values.dim() == 1 and not torch.jit.is_tracing():
-            weight = torch.sparse_csr_tensor(self.crow_indices, self.col_indices, self.values, self.matrix_shape,
-                                             dtype=self.values.dtype, device=self.values.device)
-            out = torch.mv(weight, rows[0]) if bias is None else torch.addmv(bias, weight, rows[0])
-            return out.reshape(list(lead) + [self.out_features])
-        out = _sparse_matmul(self.crow_indices, self.col_indices, self.values, self.matrix_shape, rows.t())  # (out, N): one column per input row
-        if bias is not None:
-            out = out + bias.unsqueeze(1)
+        out = _sparse_matmul(self.crow_indices, self.col_indices, self.values, self.matrix_shape, rows.t(),
+                             self.bias)  # (out, N): one column per input row
         return out.t().reshape(list(lead) + [self.out_features])
 
 
@@ -236,13 +234,11 @@ class SparseConv2d(_SparseWeightModule):
             cols = F.unfold(x, self.kernel_size, self.dilation, self.padding, self.stride)  # (N, C*kh*kw, L)
         if n == 1 and not torch.jit.is_tracing():  # (a trace would keep this branch for every batch)
             out = _sparse_matmul(self.crow_indices, self.col_indices, self.values, self.matrix_shape,
-                                 cols[0]).unsqueeze(0)
+                                 cols[0], self.bias).unsqueeze(0)
         else:  # one matmul over every image: (K, N*L) columns
             k = cols.shape[1]
             out = _sparse_matmul(self.crow_indices, self.col_indices, self.values, self.matrix_shape,
-                                 cols.transpose(0, 1).reshape(k, -1))
+                                 cols.transpose(0, 1).reshape(k, -1), self.bias)
             out = out.reshape(self.out_channels, n, -1).transpose(0, 1)
-        if self.bias is not None:
-            out = out + self.bias.view(1, -1, 1)
         out = out.reshape(n, self.out_channels, h_out, w_out)
         return out[0] if unbatched else out
