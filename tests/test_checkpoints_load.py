@@ -338,8 +338,10 @@ def test_the_mapped_reader_gives_what_safetensors_gives(tmp_path_factory, specs,
     g = torch.Generator().manual_seed(seed)
     tensors = {f"t{i}": (torch.randn(shape, generator=g) * 50).to(dtype) for i, (dtype, shape) in enumerate(specs)}
     path = str(tmp_path_factory.mktemp("map") / "f.safetensors")
-    save_file(tensors, path)
-    mapped, reference = read_safetensors(path)[1], load_file(path)
+    save_file(tensors, path, metadata={"fxprune": json.dumps({"seed": seed})})
+    metadata, mapped = read_safetensors(path)
+    reference = load_file(path)
+    assert metadata == {"fxprune": json.dumps({"seed": seed})}
     assert mapped.keys() == reference.keys()
 
     def raw(t: torch.Tensor) -> torch.Tensor:

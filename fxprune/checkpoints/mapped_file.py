@@ -29,14 +29,16 @@ _SAFETENSORS_DTYPES = {
 }
 
 
-def _mapped_tensors(path: str) -> dict[str, torch.Tensor]:
-    """The tensors of a safetensors file that ``safe_open`` has opened, as views of one mapping of it."""
+def read_safetensors(path: str) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """``(metadata, {key: tensor})`` of the safetensors file at ``path``, checked by safetensors first."""
+    with require("safetensors").safe_open(path, framework="pt"):
+        pass  # opening checks the header, the offsets and the sizes; the header is read once more below
     with open(path, "rb") as f:
         (length,) = struct.unpack("<Q", f.read(8))
         header = json.loads(f.read(length))
-        header.pop("__metadata__", None)
+        metadata = header.pop("__metadata__", None) or {}
         if any(info["dtype"] not in _SAFETENSORS_DTYPES for info in header.values()):
-            return require("safetensors.torch").load_file(path)
+            return metadata, require("safetensors.torch").load_file(path)
         mapping = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
     start = 8 + length
     if len(mapping) > start:
@@ -50,12 +52,4 @@ def _mapped_tensors(path: str) -> dict[str, torch.Tensor]:
         if begin % dtype.itemsize:
             raw = raw.clone()  # not aligned to its element size: a view would be refused
         tensors[key] = raw.view(dtype).view(info["shape"])
-    return tensors
-
-
-def read_safetensors(path: str) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
-    """``(metadata, {key: tensor})`` of the safetensors file at ``path``, checked by safetensors first."""
-    safetensors = require("safetensors")
-    with safetensors.safe_open(path, framework="pt") as f:
-        metadata = f.metadata() or {}
-    return metadata, _mapped_tensors(path)
+    return metadata, tensors
