@@ -230,20 +230,15 @@ static PyObject *expand(PyObject *self, PyObject *args) {
     if (!PyArg_ParseTuple(args, "w*y*y*nn|s", &dst, &src, &bits, &rows, &cols, &isa_name)) return NULL;
     PyObject *result = NULL;
     int isa = supported;
-    if (isa_name != NULL) {
+    if (isa_name != NULL) { /* by name; -1 where no name matches */
         for (isa = ISA_AVX512; isa >= 0 && strcmp(isa_name, isa_names[isa]) != 0; isa--) {
-        }
-        if (isa < 0 || isa > supported) {
-            PyErr_Format(PyExc_ValueError, "expand: instruction set %R is not one this CPU has (it has up to %s)",
-                         PyTuple_GET_ITEM(args, 5), isa_names[supported]);
-            PyBuffer_Release(&dst);
-            PyBuffer_Release(&src);
-            PyBuffer_Release(&bits);
-            return NULL;
         }
     }
     Py_ssize_t size = dst.itemsize, bpr = (cols + 7) / 8;
-    if (size != src.itemsize || (size != 1 && size != 2 && size != 4 && size != 8)) {
+    if (isa < 0 || isa > supported) {
+        PyErr_Format(PyExc_ValueError, "expand: instruction set %R is not one this CPU has (it has up to %s)",
+                     PyTuple_GET_ITEM(args, 5), isa_names[supported]);
+    } else if (size != src.itemsize || (size != 1 && size != 2 && size != 4 && size != 8)) {
         PyErr_SetString(PyExc_ValueError, "expand: dst and src must share an item size of 1, 2, 4 or 8 bytes");
     } else if (rows < 0 || cols < 0 || dst.len != rows * cols * size || src.len % size) {
         PyErr_SetString(PyExc_ValueError, "expand: buffer sizes do not match rows and cols");
